@@ -1,0 +1,190 @@
+"""Checkpoints: one versioned plain dict, written atomically by rank 0, loadable with weights_only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger("ddp_train")
+FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                             n["cached"]))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Temp file in the same folder, flush + fsync, os.replace, fsync the folder."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make `dst` another name for the complete file `src` (a copy where links are not allowed)."""
+    tmp = _tmp_name(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a file with weights_only=True; every failure is one UsageError naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; check the path (or use --resume never)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise UsageError(f"{path} holds pickled Python objects, which weights_only loading refuses "
+                             "because unpickling can run arbitrary code; re-save plain tensors, e.g. "
+                             "torch.save(model.state_dict(), path)") from None
+        raise UsageError(f"checkpoint {path} is corrupt ({e}); use another checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); resume from another "
+                         "checkpoint (checkpoints/step-*.pt) or start over with --resume never") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "version" not in ckpt:
+        raise UsageError(f"{path} is not a ddp_train checkpoint (no version/model keys); to start from "
+                         "its weights use --init-from")
+    if ckpt["version"] > FORMAT_VERSION:
+        raise UsageError(f"{path} has checkpoint format {ckpt['version']}, newer than this ddp_train "
+                         f"reads ({FORMAT_VERSION}); upgrade ddp_train")
+    return ckpt
+
+
+def candidates(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint files, newest step first (temp files are never candidates)."""
+    files = [p for p in ckpt_dir.glob("step-*.pt") if STEP_FILE.search(p.name)]
+    files.sort(key=lambda p: int(STEP_FILE.search(p.name).group(1)), reverse=True)
+    last = ckpt_dir / "last.pt"
+    return ([last] if last.is_file() else []) + files
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The valid checkpoint with the most steps; unreadable files are reported and skipped."""
+    best: tuple[int, Path] | None = None
+    for path in candidates(ckpt_dir):
+        try:
+            step = int(load_checkpoint(path)["step"])
+        except UsageError as e:
+            log.warning("skipping %s", e)
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return best[1] if best else None
+
+
+def purge_steps(ckpt_dir: Path, keep: int) -> None:
+    for old in [p for p in candidates(ckpt_dir) if p.name != "last.pt"][keep:]:
+        old.unlink(missing_ok=True)
+
+
+def clean_temp_files(ckpt_dir: Path) -> None:
+    for tmp in ckpt_dir.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def write(ckpt: dict[str, Any], ckpt_dir: Path, *, best: bool, step_file: bool, keep: int) -> Path:
+    """Rank 0 only: last.pt, plus best.pt and step-N.pt as links to the same complete file."""
+    last = ckpt_dir / "last.pt"
+    atomic_save(ckpt, last)
+    if step_file:
+        atomic_link(last, ckpt_dir / f"step-{ckpt['step']:08d}.pt")
+        purge_steps(ckpt_dir, keep)
+    if best:
+        atomic_link(last, ckpt_dir / "best.pt")
+    return last
+
+
+def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Accept state dicts saved from DDP/DataParallel or torch.compile wrappers."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str, strict: bool = True) -> None:
+    """load_state_dict with a one-line error naming the first mismatching keys and shapes."""
+    own = model.state_dict()
+    shape_diff = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shape_diff or (strict and (missing or unexpected)):
+        parts = []
+        if shape_diff:
+            parts.append("shape mismatch: " + "; ".join(shape_diff[:3]))
+        if strict and missing:
+            parts.append("missing: " + ", ".join(missing[:3]))
+        if strict and unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:3]))
+        raise UsageError(f"{source} does not fit this model ({'; '.join(parts)}); check --model and the "
+                         f"data's shape/classes{', or pass --no-init-strict for a partial load' if strict else ''}")
+    model.load_state_dict(state, strict=strict)

@@ -1,0 +1,202 @@
+"""`FitConfig`: the frozen, validated configuration of one `fit` (no torch import here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str, ...] = (),
+        flag: str | None = None, positive: bool = False) -> Any:
+    """A config field that also describes its command-line option."""
+    meta = {"help": help, "min": min, "choices": choices, "flag": flag, "positive": positive}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    # data
+    data: str = opt("digits", "Data set: digits, synthetic, linreg, mnist, fashion-mnist, cifar10, "
+                    "imagefolder, or package.module:function.")
+    data_dir: str | None = opt(None, "Folder of file-based data sets (mnist, cifar10, imagefolder).")
+    download: bool = opt(False, "Download torchvision data sets into --data-dir (rank 0 only).")
+    samples: int = opt(4096, "Training samples of --data synthetic/linreg.", min=1)
+    val_samples: int = opt(1000, "Validation samples of --data synthetic/linreg.", min=1)
+    input_shape: str = opt("1,28,28", "Sample shape C,H,W (or F) of --data synthetic.")
+    classes: int = opt(10, "Classes of --data synthetic.", min=2)
+    # model
+    model: str | None = opt(None, "Model: mlp, cnn, linear, a torchvision model name, or "
+                            "package.module:function. Default: the data set's own.")
+    hidden: str = opt("128,64", "Hidden layer widths of --model mlp.")
+    # optimisation
+    epochs: int = opt(10, "Epochs to train.", min=1)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
+    batch_size: int = opt(64, "Batch size PER RANK: the global batch is this x world size x grad-accum.", min=1)
+    eval_batch_size: int | None = opt(None, "Evaluation batch size per rank (default: 4 x --batch-size).", min=1)
+    lr: float = opt(1e-3, "Learning rate.", positive=True)
+    optimizer: str = opt("adam", "Optimizer.", choices=("sgd", "adam", "adamw"))
+    momentum: float = opt(0.9, "SGD momentum.", min=0)
+    weight_decay: float = opt(0.0, "Weight decay.", min=0)
+    scheduler: str = opt("none", "LR schedule, stepped every optimizer step.",
+                         choices=("none", "cosine", "step", "onecycle"))
+    lr_step_epochs: int = opt(30, "--scheduler step: epochs between decays.", min=1)
+    lr_gamma: float = opt(0.1, "--scheduler step: decay factor.", positive=True)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (no all-reduce on the others).", min=1)
+    clip_grad_norm: float | None = opt(None, "Clip the global gradient norm to this value.", positive=True)
+    precision: str = opt("32", "Numeric precision (autocast; fp16 adds a GradScaler).",
+                         choices=("32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile the model.")
+    channels_last: bool = opt(False, "Use channels_last memory format (CUDA convnets).")
+    data_on_device: bool = opt(False, "Move in-memory data sets to the device once (no copy per step).")
+    seed: int = opt(0, "Random seed (same on every rank; dropout streams differ per rank).", min=0)
+    deterministic: bool = opt(False, "Use deterministic algorithms only (slower on GPU).")
+    skip_nonfinite: bool = opt(False, "Skip optimizer steps whose loss is NaN/inf instead of stopping.")
+    # early stopping and best checkpoint
+    monitor: str = opt("val_loss", "Metric that picks best.pt and drives early stopping.")
+    mode: str = opt("auto", "Whether --monitor should go down or up (auto: from its name).",
+                    choices=("auto", "min", "max"))
+    patience: int | None = opt(None, "Stop after this many evaluations without improvement.", min=1)
+    # distributed
+    strategy: str = opt("auto", "auto: DDP if several processes, DataParallel if one process sees "
+                        "several GPUs, else one device.", choices=("auto", "ddp", "dp", "single"))
+    backend: str = opt("auto", "Process-group backend (auto: nccl on CUDA, gloo otherwise).",
+                       choices=("auto", "nccl", "gloo"))
+    workers: int = opt(0, "DataLoader worker processes per rank.", min=0)
+    timeout: float = opt(600.0, "Seconds a collective may wait before the run is declared hung.", positive=True)
+    # run directory, checkpoints, resume
+    run_dir: str | None = opt(None, "Run directory (default: runs/<data>-<model>-<launch id>).")
+    resume: str = opt("auto", "auto: continue from the run directory's checkpoint if any; never: start "
+                      "fresh; or a checkpoint PATH.")
+    overwrite: bool = opt(False, "With --resume never: replace an existing run directory's contents.")
+    init_from: str | None = opt(None, "Load model weights only from this checkpoint or state dict.")
+    init_strict: bool = opt(True, "With --init-from: require every key to match.")
+    save_every: int | None = opt(None, "Also write checkpoints/step-NNNNNNNN.pt every this many steps.", min=1)
+    keep: int = opt(3, "How many step-*.pt checkpoints to keep.", min=1)
+    preempt_signal: str | None = opt(None, "Extra signal that means 'save and stop' (SIGTERM always does).",
+                                     choices=("USR1", "USR2"))
+    requeue: bool = opt(False, "Under Slurm, requeue the job after a preemption checkpoint.")
+    # logging
+    log_every: int = opt(50, "Log (and sync the loss) every this many steps.", min=1)
+    log_all_ranks: bool = opt(False, "Print from every rank, prefixed [rank N] (debugging).")
+    progress: bool = opt(True, "Progress bar on rank 0 when attached to a terminal.")
+    wandb: bool = opt(False, "Log to Weights & Biases from rank 0 (WANDB_MODE=offline works).")
+    wandb_project: str = opt("ddp-train", "wandb project.")
+    wandb_name: str | None = opt(None, "wandb run name (default: the run directory's name).")
+    debug: bool = opt(False, "Show tracebacks for usage errors.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            name = option_name(f.name)
+            if meta.get("min") is not None and value < meta["min"]:
+                raise UsageError(f"{name} must be >= {meta['min']} (got {value})")
+            if meta.get("positive") and not value > 0:
+                raise UsageError(f"{name} must be > 0 (got {value})")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise UsageError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+        parse_shape(self.input_shape, "--input-shape")
+        parse_shape(self.hidden, "--hidden")
+        if self.resume not in ("auto", "never") and not self.resume:
+            raise UsageError("--resume must be auto, never or a checkpoint path")
+
+    def monitor_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "max" if any(k in self.monitor for k in ("acc", "f1", "r2")) else "min"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "FitConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def option_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def parse_shape(text: str, what: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers like 1,28,28 (got {text!r})") from None
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"{what} must be positive integers like 1,28,28 (got {text!r})")
+    return shape
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
+
+# Settings that may differ when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "max_steps", "patience", "workers", "timeout", "run_dir", "resume", "overwrite",
+    "save_every", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks", "progress",
+    "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
+    "init_from", "init_strict", "compile",
+})
+
+
+def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Reject unknown keys and wrongly typed values (from TOML or a checkpoint)."""
+    out = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{source}: unknown key {key!r}{hint}; valid keys are the fit options")
+        expected = _field_type(key)
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+        if value is not None and not ok:
+            if float in expected and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                names = "/".join(t.__name__ for t in expected if t is not type(None))
+                raise UsageError(f"{source}: {key} must be {names} (got {value!r})")
+        out[key] = value
+    return out
+
+
+def _field_type(key: str) -> tuple[type, ...]:
+    annotation = str(FIELDS[key].type)
+    types = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+    return tuple(t for name, t in types.items() if name in annotation.replace(" ", "").split("|"))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    if isinstance(raw.get("fit"), dict):
+        raw = raw["fit"]
+    return check_types(raw, str(path))
+
+
+def build_config(cli_values: dict[str, Any], config_file: str | None = None) -> FitConfig:
+    """Defaults < TOML file < command-line flags (flags given as None were not set)."""
+    values = load_toml(config_file) if config_file else {}
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    return FitConfig(**values)
+
+
+def config_from_dict(values: dict[str, Any]) -> FitConfig:
+    known = {k: v for k, v in values.items() if k in FIELDS}
+    return FitConfig(**check_types(known, "checkpoint config"))
+
+
+def dump_json(cfg: FitConfig, extra: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=True) + "\n")

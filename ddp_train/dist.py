@@ -1,0 +1,176 @@
+"""Process-group lifetime, collectives that are no-ops on one process, and the failure watchdog.
+
+Every method of `Comm` is a collective unless it says otherwise: call it on all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .distenv import DistEnv
+from .errors import EXIT_CRASH, AgreedError, PeerFailure
+
+log = logging.getLogger("ddp_train")
+ABORT_KEY = "ddp_train/abort"
+
+
+class Comm:
+    """Collectives over the job. Control-plane traffic (flags, objects) uses a CPU gloo group so
+    that asking "does any rank want to stop?" never synchronises a GPU stream."""
+
+    def __init__(self, env: DistEnv, control: Any = None, store: Any = None):
+        self.env = env
+        self._control = control
+        self._store = store
+        self._watchdog: _Watchdog | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.env.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self._control)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks of a tensor on the training device."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self._control)
+        return box[0]
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self._control)
+        return out
+
+    def rank0(self, fn, *args: Any) -> Any:
+        """Run `fn` on rank 0 only and give its result, or its exception, to every rank."""
+        result: tuple[bool, Any] = (True, None)
+        if self.env.is_main:
+            try:
+                result = (True, fn(*args))
+            except Exception as e:  # re-raised on every rank below
+                result = (False, e)
+        ok, value = self.broadcast_object(result)
+        if not ok:
+            raise value
+        return value
+
+    def announce_failure(self, message: str) -> None:
+        """Not a collective: tell the other ranks' watchdogs that this rank is going down."""
+        if self._store is None or not self.active:
+            return
+        with contextlib.suppress(Exception):
+            self._store.set(ABORT_KEY, f"rank {self.env.rank}: {message}")
+            time.sleep(1.0)  # let the watchdogs read it before this rank's sockets close
+
+    def peer_failure(self) -> str | None:
+        """Not a collective: the failure another rank announced, if any."""
+        if self._store is None:
+            return None
+        with contextlib.suppress(Exception):
+            if self._store.check([ABORT_KEY]):
+                return self._store.get(ABORT_KEY).decode()
+        return None
+
+
+class _Watchdog(threading.Thread):
+    """Ends this process when another rank announces a failure or the job's store vanishes, so no
+    rank waits in a collective for a peer that is gone."""
+
+    def __init__(self, comm: Comm, interval: float = 1.0, grace: float = 5.0):
+        super().__init__(name="ddp_train-watchdog", daemon=True)
+        self.comm, self.interval, self.grace = comm, interval, grace
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                found = self.comm._store.check([ABORT_KEY])
+                reason = self.comm._store.get(ABORT_KEY).decode() if found else None
+            except Exception:
+                if self.stopped.wait(self.grace):
+                    return  # normal shutdown: rank 0 closed the store after the final barrier
+                reason = "lost contact with the job's rendezvous store (another rank died)"
+            if reason and not self.stopped.is_set():
+                _die(f"[rank {self.comm.env.rank}] stopping: {reason}")
+
+
+def _die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_CRASH)
+
+
+@contextlib.contextmanager
+def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
+    """Initialise the process group (if several processes), yield a `Comm`, tear down cleanly.
+
+    On an exception the group is not destroyed (that could wait on a dead peer): the process exits.
+    """
+    if not env.distributed:
+        yield Comm(env)
+        return
+    timeout = timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {}
+    if env.backend == "nccl":
+        kwargs["device_id"] = torch.device(env.device)
+    if env.launcher in ("torchrun", "env"):
+        init = "env://"
+    else:
+        init = f"tcp://{env.master_addr}:{env.master_port}"
+    dist.init_process_group(env.backend, init_method=init, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout, **kwargs)
+    control = dist.new_group(backend="gloo", timeout=timeout) if env.backend != "gloo" else None
+    comm = Comm(env, control, _default_store())
+    if comm._store is not None:
+        comm._watchdog = _Watchdog(comm)
+        comm._watchdog.start()
+    try:
+        yield comm
+    except BaseException as e:
+        if comm._watchdog:
+            comm._watchdog.stopped.set()
+        if not isinstance(e, (PeerFailure, AgreedError, SystemExit, KeyboardInterrupt)):
+            comm.announce_failure(f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        raise
+    comm.barrier()
+    if comm._watchdog:
+        comm._watchdog.stopped.set()
+    dist.destroy_process_group()
+
+
+def _default_store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # private API: without it the watchdog is off and timeouts still bound waits
+        log.debug("no default store; failure watchdog disabled")
+        return None

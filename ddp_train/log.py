@@ -1,0 +1,159 @@
+"""Rank-aware output: console and progress on rank 0, run files, and the experiment tracker.
+
+Rank 0 gets real sinks; every other rank gets null objects with the same interface, so the loop
+calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ddp_train")
+
+
+def setup_logging(rank: int, all_ranks: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    prefix = f"[rank {rank}] " if all_ranks else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 or all_ranks else logging.ERROR)
+
+
+def fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+class Progress:
+    """A rich progress bar when rank 0 writes to a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, enabled: bool):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+            self._bar.start()
+        self._task = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        if self._bar is not None:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(f"epoch {epoch}/{epochs}", total=total, completed=done, info="")
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def show(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, info=line)
+        else:
+            log.info(line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class NullProgress(Progress):
+    def __init__(self) -> None:
+        self._bar = None
+        self._task = None
+
+    def show(self, line: str) -> None:
+        pass
+
+
+class RunFiles:
+    """history.csv (one row per epoch) and metrics.jsonl (one line per event), on rank 0."""
+
+    def __init__(self, run_dir: Path):
+        self.history = run_dir / "history.csv"
+        self.metrics = run_dir / "metrics.jsonl"
+        self._jsonl = self.metrics.open("a", buffering=1)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows written after the checkpoint (they will be written again)."""
+        if self.history.exists():
+            with self.history.open() as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                keep = [r for r in rows if int(r["step"]) <= step]
+                self._write_history(keep, list(rows[0].keys()), "w")
+        if self.metrics.exists():
+            lines = self.metrics.read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            self._jsonl.close()
+            self.metrics.write_text("".join(ln + "\n" for ln in kept))
+            self._jsonl = self.metrics.open("a", buffering=1)
+
+    def event(self, event: str, **fields: Any) -> None:
+        self._jsonl.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    def history_row(self, row: dict[str, Any]) -> None:
+        self._write_history([row], list(row.keys()), "a")
+
+    def _write_history(self, rows: list[dict[str, Any]], columns: list[str], mode: str) -> None:
+        header = mode == "w" or not self.history.exists() or self.history.stat().st_size == 0
+        with self.history.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if header:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def close(self) -> None:
+        self._jsonl.close()
+
+
+class NullFiles(RunFiles):
+    def __init__(self) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def event(self, event: str, **fields: Any) -> None:
+        pass
+
+    def history_row(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Tracker:
+    """Null experiment tracker: what every rank but 0 has, and rank 0 without --wandb."""
+
+    run_id: str | None = None
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self, exit_code: int) -> None:
+        pass
+
+
+class WandbTracker(Tracker):
+    def __init__(self, project: str, name: str, run_dir: Path, config: dict[str, Any], run_id: str | None):
+        import wandb
+
+        self._wandb = wandb
+        self.run_id = run_id or wandb.util.generate_id()
+        self._run = wandb.init(project=project, name=name, id=self.run_id, resume="allow",
+                               dir=str(run_dir), config=config)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        self._run.log(values, step=step)
+
+    def finish(self, exit_code: int) -> None:
+        self._run.finish(exit_code=exit_code)

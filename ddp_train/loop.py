@@ -215,7 +215,7 @@ def checkpoint_dict(run: Run, rngs: list[Any]) -> dict[str, Any]:
         "config": run.resolved,
         "world_size": run.env.world_size,
         "wandb_run_id": run.tracker.run_id,
-        "versions": {"ddp_train": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"ddp_train": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
     }
 
 

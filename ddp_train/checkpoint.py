@@ -163,9 +163,8 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     """Accept state dicts saved from DDP/DataParallel or torch.compile wrappers."""
     out = {}
     for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 

@@ -268,8 +268,11 @@ def _loader_args(ds: Dataset, cfg: FitConfig | None, cuda: bool, workers: int | 
     on_device = isinstance(ds, TensorData) and ds.x.device.type != "cpu"
     if on_device:
         workers = 0
-    return dict(num_workers=workers, pin_memory=cuda and not on_device,
-                persistent_workers=workers > 0)
+    # An own generator: otherwise each iter() draws a worker seed from the global RNG, and a
+    # resumed run (fresh iterator mid-epoch) would consume one draw more than an uninterrupted one.
+    seed = cfg.seed if cfg is not None else 0
+    return dict(num_workers=workers, pin_memory=cuda and not on_device, persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(seed))
 
 
 def check_sizes(bundle: DataBundle, world_size: int) -> None:

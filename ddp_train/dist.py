@@ -6,7 +6,6 @@ Every method of `Comm` is a collective unless it says otherwise: call it on all 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -20,8 +19,6 @@ import torch.distributed as dist
 from .distenv import DistEnv
 from .errors import EXIT_CRASH, AgreedError, PeerFailure
 
-log = logging.getLogger("ddp_train")
-ABORT_KEY = "ddp_train/abort"
 
 
 class Comm:
@@ -30,9 +27,9 @@ class Comm:
 
     def __init__(self, env: DistEnv, control: Any = None, store: Any = None):
         self.env = env
+        self.abort_key = "ddp_train/abort"
         self._control = control
         self._store = store
-        self._watchdog: _Watchdog | None = None
 
     @property
     def active(self) -> bool:
@@ -89,7 +86,7 @@ class Comm:
         if self._store is None or not self.active:
             return
         with contextlib.suppress(Exception):
-            self._store.set(ABORT_KEY, f"rank {self.env.rank}: {message}")
+            self._store.set(self.abort_key, f"rank {self.env.rank}: {message}")
             time.sleep(1.0)  # let the watchdogs read it before this rank's sockets close
 
     def peer_failure(self) -> str | None:
@@ -97,8 +94,8 @@ class Comm:
         if self._store is None:
             return None
         with contextlib.suppress(Exception):
-            if self._store.check([ABORT_KEY]):
-                return self._store.get(ABORT_KEY).decode()
+            if self._store.check([self.abort_key]):
+                return self._store.get(self.abort_key).decode()
         return None
 
 
@@ -114,8 +111,8 @@ class _Watchdog(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
-                found = self.comm._store.check([ABORT_KEY])
-                reason = self.comm._store.get(ABORT_KEY).decode() if found else None
+                found = self.comm._store.check([self.comm.abort_key])
+                reason = self.comm._store.get(self.comm.abort_key).decode() if found else None
             except Exception:
                 if self.stopped.wait(self.grace):
                     return  # normal shutdown: rank 0 closed the store after the final barrier
@@ -143,34 +140,28 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
     kwargs: dict[str, Any] = {}
     if env.backend == "nccl":
         kwargs["device_id"] = torch.device(env.device)
-    if env.launcher in ("torchrun", "env"):
-        init = "env://"
-    else:
-        init = f"tcp://{env.master_addr}:{env.master_port}"
-    dist.init_process_group(env.backend, init_method=init, rank=env.rank, world_size=env.world_size,
-                            timeout=timeout, **kwargs)
+    dist.init_process_group(env.backend, store=_store(env, timeout), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout, **kwargs)
     control = dist.new_group(backend="gloo", timeout=timeout) if env.backend != "gloo" else None
-    comm = Comm(env, control, _default_store())
-    if comm._store is not None:
-        comm._watchdog = _Watchdog(comm)
-        comm._watchdog.start()
+    comm = Comm(env, control, _store(env, timedelta(seconds=30), client=True))
+    watchdog = _Watchdog(comm)
+    watchdog.start()
     try:
         yield comm
     except BaseException as e:
-        if comm._watchdog:
-            comm._watchdog.stopped.set()
+        watchdog.stopped.set()
         if not isinstance(e, (PeerFailure, AgreedError, SystemExit, KeyboardInterrupt)):
             comm.announce_failure(f"{type(e).__name__}: {e}".splitlines()[0][:300])
         raise
     comm.barrier()
-    if comm._watchdog:
-        comm._watchdog.stopped.set()
+    watchdog.stopped.set()
     dist.destroy_process_group()
 
 
-def _default_store() -> Any:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # private API: without it the watchdog is off and timeouts still bound waits
-        log.debug("no default store; failure watchdog disabled")
-        return None
+def _store(env: DistEnv, timeout: timedelta, client: bool = False) -> Any:
+    """The job's key-value store, under a prefix per restart attempt: torchrun's agent store outlives
+    a restart, and without the prefix the new workers read the old ones' addresses and hang."""
+    host = env.is_main and not env.agent_store and not client
+    tcp = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host, timeout=timeout,
+                        wait_for_workers=False)
+    return dist.PrefixStore(f"ddp_train/attempt_{env.restart_count}", tcp)

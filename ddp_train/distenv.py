@@ -28,6 +28,7 @@ class DistEnv:
     restart_count: int
     cuda_devices: int
     slurm_job_id: str | None = None
+    agent_store: bool = False  # torchrun's agent hosts the store at master_addr:master_port
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +60,8 @@ class DistEnv:
         restarts = max(_int(env, "TORCHELASTIC_RESTART_COUNT", 0), _int(env, "SLURM_RESTART_COUNT", 0))
         return cls(launcher=launcher, backend=backend, device=device, run_id=run_id,
                    restart_count=restarts, cuda_devices=cuda_devices,
-                   slurm_job_id=env.get("SLURM_JOB_ID") or None, **fields)
+                   slurm_job_id=env.get("SLURM_JOB_ID") or None,
+                   agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True", **fields)
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:

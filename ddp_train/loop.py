@@ -56,6 +56,7 @@ class Run:
     task: str
     device: torch.device
     ckpt_dir: Path
+    total_steps: int
     files: RunFiles
     tracker: Tracker
     progress: Progress
@@ -214,6 +215,7 @@ def checkpoint_dict(run: Run, rngs: list[Any]) -> dict[str, Any]:
         "train_loss": [st.loss_sum, st.loss_count],
         "config": run.resolved,
         "world_size": run.env.world_size,
+        "total_steps": run.total_steps,
         "wandb_run_id": run.tracker.run_id,
         "versions": {"ddp_train": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
     }

@@ -23,7 +23,7 @@ def make_metrics(task: str, num_outputs: int, device: torch.device) -> Any:
                    "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_outputs, average="macro")}
     else:
         metrics = {"mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError(),
-                   "r2": torchmetrics.R2Score(num_outputs=num_outputs)}
+                   "r2": torchmetrics.R2Score()}
     return torchmetrics.MetricCollection(metrics, prefix="val_").to(device)
 
 

@@ -25,6 +25,7 @@ from .parallel import resolve_strategy, wrap
 from .preempt import PreemptFlag
 
 OUR_FILES = ("config.json", "history.csv", "metrics.jsonl")
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def run_fit(cfg: FitConfig, env: DistEnv) -> int:
@@ -38,6 +39,8 @@ def run_fit(cfg: FitConfig, env: DistEnv) -> int:
                 peer = comm.peer_failure()
                 if peer:
                     raise PeerFailure(peer) from e
+                if any(s in str(e) for s in PEER_LOST):
+                    raise PeerFailure("another rank died (its connection closed); its own log says why") from e
                 raise
     finally:
         preempt.restore()
@@ -66,8 +69,6 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
 
     run_dir, ckpt_path = comm.rank0(_prepare_run_dir, resolved, env)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
-    if ckpt is not None:
-        _check_compatible(ckpt, resolved, env, ckpt_path)
 
     model = build_model(model_name, bundle.input_shape, bundle.num_outputs, parse_shape(cfg.hidden, "--hidden"))
     if cfg.init_from and ckpt is None:
@@ -84,6 +85,8 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     loader = train_loader(bundle.train, cfg, env.rank, env.world_size, device.type == "cuda")
     sampler = getattr(loader.sampler, "sampler", loader.sampler)  # under the BatchSampler, if any
     per_epoch, total = loop.plan(cfg, -(-sampler.num_samples // cfg.batch_size))
+    if ckpt is not None:
+        _check_compatible(ckpt, resolved, env, ckpt_path, total)
     scheduler = _scheduler(cfg, optimizer, per_epoch, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     evaluator = Evaluator(eval_loader(bundle.val, cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
@@ -103,7 +106,7 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     progress = Progress(cfg.progress) if main else NullProgress()
     run = loop.Run(cfg=cfg, env=env, comm=comm, model=model, wrapped=wrapped, ddp=ddp, optimizer=optimizer,
                    scheduler=scheduler, scaler=scaler, loader=loader, sampler=sampler, evaluator=evaluator,
-                   task=bundle.task, device=device, ckpt_dir=run_dir / "checkpoints", files=files,
+                   task=bundle.task, device=device, ckpt_dir=run_dir / "checkpoints", total_steps=total, files=files,
                    tracker=tracker, progress=progress, preempt=preempt, resolved=resolved.to_dict())
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
              env.launcher, env.world_size, env.backend, env.device, strategy, run_dir)
@@ -185,8 +188,11 @@ def _prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
                          "--run-dir") from None
     checkpoint.clean_temp_files(ckpt_dir)
     resume = cfg.resume
-    if resume == "never" and env.restart_count > 0:
-        resume = "auto"  # a restart of this very launch must continue, not start over
+    if env.restart_count > 0:  # a restart or requeue of this very launch continues its own run
+        latest = checkpoint.find_latest(ckpt_dir)
+        if latest is not None:
+            return run_dir, latest
+        cfg = cfg.replace(overwrite=True)  # nothing was saved yet: the partial files may go
     if resume not in ("auto", "never"):
         return run_dir, Path(resume)
     existing = checkpoint.candidates(ckpt_dir) + [run_dir / f for f in OUR_FILES if (run_dir / f).exists()]
@@ -200,12 +206,15 @@ def _prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
     return run_dir, checkpoint.find_latest(ckpt_dir)
 
 
-def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path) -> None:
+def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path, total: int) -> None:
     saved = ckpt.get("config", {})
     diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
              if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if ckpt.get("world_size", env.world_size) != env.world_size:
         diffs.append(f"world size {ckpt['world_size']} -> {env.world_size}")
+    if cfg.scheduler in ("cosine", "onecycle") and ckpt.get("total_steps", total) != total:
+        diffs.append(f"total steps {ckpt['total_steps']} -> {total} (the {cfg.scheduler} schedule's length; "
+                     "keep --epochs/--max-steps)")
     if diffs:
         raise UsageError(f"cannot resume {path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
                          "restore them, or start a new run (--resume never, or another --run-dir; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -32,9 +33,12 @@ class Loaded:
 
 
 def read_weights(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(bare state dict, full checkpoint or None). Checkpoints of ddp_train <= 0.1.0 stored
-    torch.__version__ as a TorchVersion (a str subclass): allow just that class."""
-    with torch.serialization.safe_globals([TorchVersion]):
+    """(bare state dict, full checkpoint or None). Early checkpoints stored torch.__version__ as a
+    TorchVersion (a str subclass) that weights_only refuses: allow just that class."""
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint {path} does not exist (checkpoints live in RUN_DIR/checkpoints/)")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with allow([TorchVersion]) if allow else contextlib.nullcontext():
         raw = checkpoint.load(path)
     if isinstance(raw, dict) and "version" in raw and "model" in raw:
         if raw["version"] > checkpoint.FORMAT_VERSION:

@@ -138,11 +138,11 @@ def _sync(device: Any) -> None:
 
 def render(report: dict[str, Any]) -> str:
     s = report["sizes"]
-    lines = [f"matmul {s['n']}x{s['k']} @ {s['k']}x{s['n']} float32, median of {report['repeats']}; "
-             f"host->device copy {s['copy_mib']} MiB; linreg {s['steps']} full-batch steps on "
-             f"{s['samples']:,} samples", ""]
-    header = f"{'device':<30}{'matmul GFLOP/s':>15}{'H2D pinned GB/s':>17}{'H2D pageable GB/s':>19}" \
-             f"{'linreg s':>10}  {'final w, b':<24}{'speedup matmul/linreg':>22}"
+    lines = [f"matmul: {s['n']}x{s['k']} @ {s['k']}x{s['n']} float32, median of {report['repeats']} (GFLOP/s)",
+             f"copy:   host->device {s['copy_mib']} MiB from pinned / pageable memory, median (GB/s)",
+             f"linreg: {s['steps']} full-batch SGD steps on {s['samples']:,} samples (seconds, final w and b)",
+             f"speedup vs CPU: matmul / linreg", ""]
+    header = f"{'device':<26}{'matmul':>9}{'pinned':>9}{'pageable':>10}{'linreg':>9}  {'w, b':<24}{'speedup':>14}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
         def gbs(key: str) -> str:
@@ -150,8 +150,8 @@ def render(report: dict[str, Any]) -> str:
         weights = f"[{r['linreg_w'][0]:.3f}, {r['linreg_w'][1]:.3f}], {r['linreg_b']:.3f}"
         speed = f"{r['speedup_matmul']:.1f}x / {r['speedup_linreg']:.1f}x" if "speedup_matmul" in r else "-"
         label = r["name"] if r["device"] == "cpu" else f"{r['device']} {r['name']}"
-        lines.append(f"{label[:29]:<30}{r['matmul_gflops']:>15.1f}{gbs('h2d_pinned_gbs'):>17}"
-                     f"{gbs('h2d_pageable_gbs'):>19}{r['linreg_s']:>10.2f}  {weights:<24}{speed:>22}")
+        lines.append(f"{label[:25]:<26}{r['matmul_gflops']:>9.1f}{gbs('h2d_pinned_gbs'):>9}"
+                     f"{gbs('h2d_pageable_gbs'):>10}{r['linreg_s']:>9.2f}  {weights:<24}{speed:>14}")
     if report["note"]:
         lines += ["", report["note"]]
     return "\n".join(lines)

@@ -55,11 +55,19 @@ def collect(environ: Mapping[str, str]) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": str(torch.__version__), "cuda_build": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn": _cudnn(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
         "nccl": nccl, "gloo": dist.is_gloo_available(), "mpi": dist.is_mpi_available(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "gpus": gpus, "launch": launch, "warnings": warnings,
     }
+
+
+def _cudnn(version: int | None) -> str | None:
+    """torch gives one integer: 8906 is 8.9.6, 90100 is 9.1.0 (cuDNN 9 widened the minor field)."""
+    if not version:
+        return None
+    major, rest = (version // 10000, version % 10000) if version >= 90000 else (version // 1000, version % 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
 
 
 def _gpu(i: int) -> dict[str, Any]:
@@ -73,11 +81,12 @@ def _gpu(i: int) -> dict[str, Any]:
 def resolve(environ: Mapping[str, str], cuda_devices: int, cuda_build: bool = True
             ) -> tuple[dict[str, Any] | None, list[str]]:
     """What DistEnv.from_environ makes of `environ` (None if it refuses), and warnings."""
-    warnings = environment_warnings(environ, cuda_devices, cuda_build)
+    general = environment_warnings(environ, cuda_devices, cuda_build)
     try:
         denv = DistEnv.from_environ(environ, cuda_devices=cuda_devices)
     except UsageError as e:
-        return None, [str(e)] + warnings
+        return None, [str(e)] + general
+    warnings = []
     if denv.launcher == "single" and _int(environ.get("SLURM_NTASKS")) > 1:
         warnings.append(f"SLURM_NTASKS={environ['SLURM_NTASKS']} but this process runs alone (no srun step "
                         "with several tasks): a batch script runs once; start the ranks with `srun ddp-train "
@@ -85,7 +94,7 @@ def resolve(environ: Mapping[str, str], cuda_devices: int, cuda_build: bool = Tr
     if cuda_devices > 1 and denv.local_world_size > cuda_devices:
         warnings.append(f"{denv.local_world_size} processes per node but {cuda_devices} GPUs visible: "
                         "local ranks beyond them have no GPU")
-    return {k: getattr(denv, k) for k in LAUNCH_KEYS}, warnings
+    return {k: getattr(denv, k) for k in LAUNCH_KEYS}, warnings + general
 
 
 def environment_warnings(environ: Mapping[str, str], cuda_devices: int, cuda_build: bool = True) -> list[str]:
@@ -141,4 +150,6 @@ def render(r: dict[str, Any]) -> str:
         if launch["run_id"]:
             lines.append(f"run id     {launch['run_id']} (restart {launch['restart_count']})")
     lines += [f"warning: {w}" for w in r["warnings"]]
+    if launch and launch["world_size"] > 1:  # every rank reports: keep interleaved lines apart
+        lines = [f"[rank {launch['rank']}] {line}" for line in lines]
     return "\n".join(lines)

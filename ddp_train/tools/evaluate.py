@@ -65,8 +65,9 @@ def evaluate(
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"{checkpoint}: {loaded.source}")
+    procs = f"{env.world_size} process{'es' if env.world_size > 1 else ''}"
     typer.echo(f"{loaded.cfg.data} {split.value} split, {len(loaded.dataset)} samples, model "
-               f"{loaded.cfg.model}, {env.world_size} process(es) on {env.device}\n")
+               f"{loaded.cfg.model}, {procs} on {env.device}\n")
     width = max(len(k) for k in results)
     typer.echo(f"{'metric':<{width}}  value")
     for name, value in results.items():

@@ -39,6 +39,7 @@ def plot(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UsageError(f"plot needs matplotlib, which is not installed: {INSTALL}") from None
 
@@ -56,6 +57,9 @@ def plot(
     for ax, name in zip(axes[1:], metrics):
         ax.plot(epochs, columns[name], marker="o", color="tab:green")
         ax.set(title=name, xlabel="epoch")
+    for ax in axes[:panels]:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.suptitle(Path(run_dir).resolve().name)

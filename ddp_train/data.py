@@ -15,9 +15,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from .config import FitConfig, parse_shape
 from .errors import UsageError
+from .metrics import CLASSIFICATION, REGRESSION
 from .userfn import load_user_function
-
-CLASSIFICATION, REGRESSION = "classification", "regression"
 
 
 class TensorData(Dataset):

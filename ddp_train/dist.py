@@ -30,6 +30,7 @@ class Comm:
         self.abort_key = "ddp_train/abort"
         self._control = control
         self._store = store
+        self._vote: tuple[Any, torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
@@ -52,6 +53,28 @@ class Comm:
         t = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
+
+    def vote_any(self, flag: bool) -> bool:
+        """Start a vote on `flag` and return the previous call's result (False the first time).
+
+        The all-reduce runs in the background while the next step computes, so asking every step
+        costs no wait; a request is acted on one step later, identically on every rank."""
+        if not self.active:
+            return flag
+        previous = False
+        if self._vote is not None:
+            work, t = self._vote
+            work.wait()
+            previous = bool(t.item())
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        self._vote = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control, async_op=True), t)
+        return previous
+
+    def end_votes(self) -> None:
+        """Wait for the vote in flight, so that no collective outlives the loop."""
+        if self._vote is not None:
+            self._vote[0].wait()
+            self._vote = None
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         if not self.active:

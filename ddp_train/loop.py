@@ -137,7 +137,8 @@ def fit(run: Run) -> str:
                 run.progress.show(f"epoch {st.epoch + 1}/{cfg.epochs} step {st.step}/{total} "
                                   f"loss {loss_now:.4f} lr {lr:.3g} {rate:.0f} samples/s")
                 t_log, seen_log = now, seen
-            if comm.any(run.preempt.requested is not None):
+            if comm.vote_any(run.preempt.requested is not None):
+                comm.end_votes()
                 sync_loss()
                 path = save(run)
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
@@ -146,6 +147,7 @@ def fit(run: Run) -> str:
             if cfg.save_every and st.step % cfg.save_every == 0:
                 sync_loss()
                 save(run, step_file=True)
+        comm.end_votes()
         if st.batch_in_epoch >= batches:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         sync_loss()

@@ -124,16 +124,22 @@ def candidates(ckpt_dir: Path) -> list[Path]:
 
 
 def find_latest(ckpt_dir: Path) -> Path | None:
-    """The valid checkpoint with the most steps; unreadable files are reported and skipped."""
+    """The valid checkpoint with the most steps; unreadable files are reported and skipped. If
+    there are checkpoints but none is readable, that is an error: starting over would bury them."""
     best: tuple[int, Path] | None = None
+    errors = []
     for path in candidates(ckpt_dir):
         try:
             step = int(load_checkpoint(path)["step"])
         except UsageError as e:
             log.warning("skipping %s", e)
+            errors.append(str(e))
             continue
         if best is None or step > best[0]:
             best = (step, path)
+    if best is None and errors:
+        raise UsageError(f"no readable checkpoint in {ckpt_dir} ({errors[0]}); resume from a good copy with "
+                         "--resume PATH, or start over with --resume never --overwrite")
     return best[1] if best else None
 
 

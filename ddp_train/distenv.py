@@ -54,9 +54,10 @@ class DistEnv:
         elif backend == "nccl" and not device.startswith("cuda"):
             raise UsageError("--backend nccl needs a CUDA GPU and none is visible; use --backend gloo "
                              "(or auto) on CPU")
-        run_id = env.get("TORCHELASTIC_RUN_ID") or None
-        if run_id in (None, "none"):
-            run_id = env.get("SLURM_JOB_ID") or None
+        # The Slurm job id survives a requeue; torchrun --standalone draws a new id every launch.
+        run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID") or None
+        if run_id == "none":
+            run_id = None
         restarts = max(_int(env, "TORCHELASTIC_RESTART_COUNT", 0), _int(env, "SLURM_RESTART_COUNT", 0))
         return cls(launcher=launcher, backend=backend, device=device, run_id=run_id,
                    restart_count=restarts, cuda_devices=cuda_devices,

@@ -251,9 +251,9 @@ def _requeue(run: Run) -> None:
     job = run.env.slurm_job_id
     if not (run.cfg.requeue and job and run.env.is_main):
         return
+    log.info("requeueing Slurm job %s", job)  # before: the requeue may end this job at once
     try:
         subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
-        log.info("requeued Slurm job %s", job)
     except FileNotFoundError:
         log.warning("--requeue: scontrol not found; requeue job %s by hand", job)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:

@@ -82,3 +82,9 @@ def test_too_few_gpus():
 ])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
+
+
+def test_slurm_job_id_names_the_run_even_under_torchrun():
+    # torchrun --standalone draws a fresh id each launch; a requeued job must find its run again
+    env = DistEnv.from_environ({**TORCHRUN, "SLURM_JOB_ID": "4242"})
+    assert env.launcher == "torchrun" and env.run_id == "4242"

@@ -93,11 +93,12 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
+        if "Unsupported global" in str(e):
             raise UsageError(f"{path} holds pickled Python objects, which weights_only loading refuses "
                              "because unpickling can run arbitrary code; re-save plain tensors, e.g. "
                              "torch.save(model.state_dict(), path)") from None
-        raise UsageError(f"checkpoint {path} is corrupt ({e}); use another checkpoint") from None
+        raise UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); resume from another "
+                         "checkpoint (checkpoints/step-*.pt) or start over with --resume never") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); resume from another "
@@ -132,7 +133,6 @@ def find_latest(ckpt_dir: Path) -> Path | None:
         try:
             step = int(load_checkpoint(path)["step"])
         except UsageError as e:
-            log.warning("skipping %s", e)
             errors.append(str(e))
             continue
         if best is None or step > best[0]:
@@ -140,6 +140,8 @@ def find_latest(ckpt_dir: Path) -> Path | None:
     if best is None and errors:
         raise UsageError(f"no readable checkpoint in {ckpt_dir} ({errors[0]}); resume from a good copy with "
                          "--resume PATH, or start over with --resume never --overwrite")
+    for error in errors:
+        log.warning("skipping %s", error)
     return best[1] if best else None
 
 

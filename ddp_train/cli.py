@@ -55,7 +55,8 @@ def _option(field: dataclasses.Field) -> inspect.Parameter:
     flag = option_name(field.name)
     decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
     shown = "off" if default is False else "on" if default is True else default
-    option = typer.Option(*decls, help=help_text, show_default=str(shown) if shown is not None else False)
+    # rich reads [..] as markup: escape it so "[sgd|adam|adamw]" and "[rank N]" survive
+    option = typer.Option(*decls, help=help_text.replace("[", "\\["), show_default=str(shown) if shown is not None else False)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[base], option])
 
@@ -91,16 +92,17 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         code = app(args=argv, prog_name="ddp-train", standalone_mode=False)
-    except click.exceptions.UsageError as e:
+    except (click.exceptions.UsageError, typer.BadParameter.__base__) as e:  # typer vendors its own click
         command = e.ctx.command_path if e.ctx else "ddp-train"
         say(f"{e.format_message()} (see `{command} --help`)")
         code = 2
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         code = 130
     except AgreedError as e:
-        if debug and rank == 0:
-            traceback.print_exc()
-        say(str(e))
+        if not e.reported:
+            if debug and rank == 0:
+                traceback.print_exc()
+            say(str(e))
         code = e.exit_code
     except PeerFailure as e:
         print(f"error: [rank {rank}] stopping: {e}", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ class AgreedError(Exception):
     """Raised identically on every rank (from synced values or a broadcast): rank 0 alone reports it."""
 
     exit_code = EXIT_CRASH
+    reported = False  # already printed by rank 0
 
 
 class UsageError(AgreedError):

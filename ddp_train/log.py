@@ -148,9 +148,9 @@ class WandbTracker(Tracker):
         import wandb
 
         self._wandb = wandb
-        self.run_id = run_id or wandb.util.generate_id()
-        self._run = wandb.init(project=project, name=name, id=self.run_id, resume="allow",
+        self._run = wandb.init(project=project, name=name, id=run_id, resume="allow",
                                dir=str(run_dir), config=config)
+        self.run_id = self._run.id
 
     def log(self, values: dict[str, Any], step: int) -> None:
         self._run.log(values, step=step)

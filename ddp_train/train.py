@@ -6,7 +6,9 @@ import logging
 import os
 import random
 import re
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from .config import RESUMABLE_CHANGES, FitConfig, dump_json, parse_shape
 from .data import build_data, check_sizes, eval_loader, train_loader
 from .dist import Comm, distributed
 from .distenv import DistEnv
-from .errors import EXIT_OK, EXIT_PREEMPTED, PeerFailure, UsageError
+from .errors import EXIT_OK, EXIT_PREEMPTED, AgreedError, PeerFailure, UsageError
 from .evaluation import Evaluator
 from .log import NullFiles, NullProgress, Progress, RunFiles, Tracker, WandbTracker, log, setup_logging
 from .models import build_model
@@ -35,6 +37,15 @@ def run_fit(cfg: FitConfig, env: DistEnv) -> int:
         with distributed(env, cfg.timeout) as comm:
             try:
                 return _fit(cfg, env, comm, preempt)
+            except AgreedError as e:
+                # Print now, while SIGTERM only sets a flag: torchrun stops rank 0 as soon as
+                # another rank has exited with the same error.
+                if env.is_main:
+                    if cfg.debug:
+                        traceback.print_exc()
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                    e.reported = True
+                raise
             except (RuntimeError, ConnectionError) as e:
                 peer = comm.peer_failure()
                 if peer:
@@ -67,8 +78,12 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     if cfg.data_on_device and device.type == "cuda":
         bundle.train, bundle.val = bundle.train.to(device), bundle.val.to(device)
 
+    samples_per_rank = -(-len(bundle.train) // env.world_size)  # what DistributedSampler gives each rank
+    per_epoch, total = loop.plan(cfg, -(-samples_per_rank // cfg.batch_size))
     run_dir, ckpt_path = comm.rank0(_prepare_run_dir, resolved, env)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:  # before any weights load: name the differing settings, not tensor shapes
+        _check_compatible(ckpt, resolved, env, ckpt_path, total)
 
     model = build_model(model_name, bundle.input_shape, bundle.num_outputs, parse_shape(cfg.hidden, "--hidden"))
     if cfg.init_from and ckpt is None:
@@ -84,9 +99,6 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     optimizer = _optimizer(cfg, model)
     loader = train_loader(bundle.train, cfg, env.rank, env.world_size, device.type == "cuda")
     sampler = getattr(loader.sampler, "sampler", loader.sampler)  # under the BatchSampler, if any
-    per_epoch, total = loop.plan(cfg, -(-sampler.num_samples // cfg.batch_size))
-    if ckpt is not None:
-        _check_compatible(ckpt, resolved, env, ckpt_path, total)
     scheduler = _scheduler(cfg, optimizer, per_epoch, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     evaluator = Evaluator(eval_loader(bundle.val, cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,

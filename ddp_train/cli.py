@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 
-from .config import FIELDS, FitConfig, build_config, option_name
+from .config import FIELDS, build_config, option_name
 from .distenv import DistEnv, rank_of
 from .errors import AgreedError, PeerFailure
 

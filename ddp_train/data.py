@@ -68,6 +68,15 @@ def build_data(cfg: FitConfig) -> DataBundle:
     return DATASETS[cfg.data](cfg)
 
 
+def build_data_rank0_first(cfg: FitConfig, comm: Any) -> DataBundle:
+    """Collective: with --download, rank 0 fetches first while the others wait, then they load."""
+    if not (cfg.download and comm.active):
+        return build_data(cfg)
+    built: list = []
+    comm.rank0(lambda: built.append(build_data(cfg)))  # returns None: no data set is broadcast
+    return built[0] if built else build_data(cfg.replace(download=False))
+
+
 def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[TensorData, TensorData]:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     n_val = round(len(x) * val_fraction)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -16,7 +15,7 @@ import torch
 
 from . import checkpoint, loop
 from .config import RESUMABLE_CHANGES, FitConfig, dump_json, parse_shape
-from .data import build_data, check_sizes, eval_loader, train_loader
+from .data import build_data_rank0_first, check_sizes, eval_loader, train_loader
 from .dist import Comm, distributed
 from .distenv import DistEnv
 from .errors import EXIT_OK, EXIT_PREEMPTED, AgreedError, PeerFailure, UsageError
@@ -70,7 +69,7 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     strategy = resolve_strategy(cfg.strategy, env)
     _seed(cfg.seed)
 
-    bundle = _build_data(cfg, comm)
+    bundle = build_data_rank0_first(cfg, comm)
     check_sizes(bundle, env.world_size)
     model_name = cfg.model or bundle.default_model
     resolved = cfg.replace(model=model_name)
@@ -158,20 +157,6 @@ def _seed(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def _build_data(cfg: FitConfig, comm: Comm) -> Any:
-    """With --download rank 0 fetches first while the others wait; then the others load."""
-    if not (cfg.download and comm.active):
-        return build_data(cfg)
-    bundle = None
-
-    def first() -> None:
-        nonlocal bundle
-        bundle = build_data(cfg)
-
-    comm.rank0(first)
-    return bundle if comm.env.is_main else build_data(cfg.replace(download=False))
 
 
 def _check_monitor(cfg: FitConfig, task: str) -> None:

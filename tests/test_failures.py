@@ -11,6 +11,20 @@ pytestmark = pytest.mark.slow
 FAIL = ["--model", "tests.fixtures.userdefs:fail_on_rank1"]
 
 
+def _rank_env(style):
+    """Environment of each of two ranks: an srun step's variables, or RANK/WORLD_SIZE set by hand."""
+    port = str(free_port())
+
+    def env(rank):
+        if style == "slurm":
+            return base_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                            SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2",
+                            SLURM_STEP_NODELIST="127.0.0.1", SLURM_JOB_ID=port, MASTER_PORT=port)
+        return base_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
+    return env
+
+
 def _launch_pair(tiny_opts, make_env):
     """Two single-process launches that find each other through environment variables only."""
     procs = [subprocess.Popen(fit_cmd(1, *tiny_opts), env=make_env(rank), cwd=ROOT, text=True,
@@ -45,17 +59,7 @@ def test_torchrun_rank1_failure_ends_all_ranks(tiny):
 
 @pytest.mark.parametrize("style", ["slurm", "by-hand"])
 def test_env_launched_rank1_failure_ends_all_ranks(tiny, style):
-    port = str(free_port())
-
-    def env(rank):
-        if style == "slurm":
-            return base_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
-                            SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2",
-                            SLURM_STEP_NODELIST="127.0.0.1", SLURM_JOB_ID="77", MASTER_PORT=port)
-        return base_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port)
-
-    codes, spread, err = _wait_all(_launch_pair(tiny(style, *FAIL), env))
+    codes, spread, err = _wait_all(_launch_pair(tiny(style, *FAIL), _rank_env(style)))
     print(f"{style}: last rank exited {spread:.2f}s after the first; codes {codes}")
     assert all(c != 0 for c in codes), (codes, err)
     assert spread < 60
@@ -66,17 +70,7 @@ def test_env_launched_rank1_failure_ends_all_ranks(tiny, style):
 @pytest.mark.parametrize("style", ["slurm", "by-hand"])
 def test_env_launched_pair_trains(tiny, style):
     """The same launch styles, without a failure, train to the end."""
-    port = str(free_port())
-
-    def env(rank):
-        if style == "slurm":
-            return base_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
-                            SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2",
-                            SLURM_STEP_NODELIST="127.0.0.1", SLURM_JOB_ID="78", MASTER_PORT=port)
-        return base_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port)
-
-    codes, _, err = _wait_all(_launch_pair(tiny(style, "--max-steps", "6"), env))
+    codes, _, err = _wait_all(_launch_pair(tiny(style, "--max-steps", "6"), _rank_env(style)))
     assert codes == [0, 0], err
     launcher = "slurm" if style == "slurm" else "env"
     assert err.count(f"ddp_train: launcher={launcher} world_size=2") == 1

@@ -14,7 +14,7 @@ from torch.torch_version import TorchVersion
 
 from .. import checkpoint
 from ..config import build_config, config_from_dict, parse_shape
-from ..data import build_data, eval_loader
+from ..data import build_data_rank0_first, eval_loader
 from ..dist import Comm, distributed
 from ..distenv import DistEnv
 from ..errors import UsageError
@@ -64,7 +64,7 @@ def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str |
             raise UsageError(f"{path} is a bare state dict: say what it was trained on with --data "
                              "and --model (or --config run.toml)")
         cfg, source = build_config(overrides, config), "state dict"
-    bundle = _build_data(cfg, comm)
+    bundle = build_data_rank0_first(cfg, comm)
     dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
     if dataset is None:
         raise UsageError(f"data set {cfg.data} has no test split; use --split val")
@@ -72,15 +72,6 @@ def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str |
     net = build_model(name, bundle.input_shape, bundle.num_outputs, parse_shape(cfg.hidden, "--hidden"))
     checkpoint.load_weights(net, state, path)
     return Loaded(cfg.replace(model=name), net, dataset, bundle.task, bundle.num_outputs, source)
-
-
-def _build_data(cfg: Any, comm: Comm) -> Any:
-    """With --download in the config, rank 0 fetches first while the others wait."""
-    if not (cfg.download and comm.active):
-        return build_data(cfg)
-    built: list = []
-    comm.rank0(lambda: built.append(build_data(cfg)))  # returns None: no data set is broadcast
-    return built[0] if built else build_data(cfg.replace(download=False))
 
 
 @contextlib.contextmanager

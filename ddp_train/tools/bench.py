@@ -141,7 +141,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"matmul: {s['n']}x{s['k']} @ {s['k']}x{s['n']} float32, median of {report['repeats']} (GFLOP/s)",
              f"copy:   host->device {s['copy_mib']} MiB from pinned / pageable memory, median (GB/s)",
              f"linreg: {s['steps']} full-batch SGD steps on {s['samples']:,} samples (seconds, final w and b)",
-             f"speedup vs CPU: matmul / linreg", ""]
+             "speedup vs CPU: matmul / linreg", ""]
     header = f"{'device':<26}{'matmul':>9}{'pinned':>9}{'pageable':>10}{'linreg':>9}  {'w, b':<24}{'speedup':>14}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:

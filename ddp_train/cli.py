@@ -54,9 +54,10 @@ def _option(field: dataclasses.Field) -> inspect.Parameter:
     base = {"bool": bool, "int": int, "float": float}.get(str(field.type).split(" ")[0], str)
     flag = option_name(field.name)
     decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-    shown = "off" if default is False else "on" if default is True else default
+    if default is not None and base is not bool:
+        help_text += f" [default: {default}]"
     # rich reads [..] as markup: escape it so "[sgd|adam|adamw]" and "[rank N]" survive
-    option = typer.Option(*decls, help=help_text.replace("[", "\\["), show_default=str(shown) if shown is not None else False)
+    option = typer.Option(*decls, help=help_text.replace("[", "\\["), show_default=False)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[base], option])
 

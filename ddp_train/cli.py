@@ -16,20 +16,17 @@ from .config import FIELDS, build_config, option_name
 from .distenv import DistEnv, rank_of
 from .errors import AgreedError, PeerFailure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 FIT_HELP = """Train a model: one process on CPU, or one process per GPU under torchrun or srun.
 
+\b
 Examples:
-
-  ddp-train fit                                  # digits + MLP on the CPU, seconds
-
+  ddp-train fit                                # digits + MLP on the CPU, seconds
   torchrun --standalone --nproc_per_node=2 -m ddp_train fit --epochs 3
-
   ddp-train fit --data synthetic --model cnn --input-shape 1,28,28 --max-steps 200
-
-  ddp-train fit --config run.toml --lr 3e-4      # flags override the file
+  ddp-train fit --config run.toml --lr 3e-4    # flags override the file
 """
 
 
@@ -56,8 +53,7 @@ def _option(field: dataclasses.Field) -> inspect.Parameter:
     decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
     if default is not None and base is not bool:
         help_text += f" [default: {default}]"
-    # rich reads [..] as markup: escape it so "[sgd|adam|adamw]" and "[rank N]" survive
-    option = typer.Option(*decls, help=help_text.replace("[", "\\["), show_default=False)
+    option = typer.Option(*decls, help=help_text, show_default=False)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[base], option])
 

@@ -165,7 +165,9 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
         kwargs["device_id"] = torch.device(env.device)
     dist.init_process_group(env.backend, store=_store(env, timeout), rank=env.rank,
                             world_size=env.world_size, timeout=timeout, **kwargs)
-    control = dist.new_group(backend="gloo", timeout=timeout) if env.backend != "gloo" else None
+    # Flags and objects travel in a CPU group of their own: they never wait behind the gradient
+    # all-reduce in the training group's queue, nor synchronise a GPU stream.
+    control = dist.new_group(backend="gloo", timeout=timeout)
     comm = Comm(env, control, _store(env, timedelta(seconds=30), client=True))
     watchdog = _Watchdog(comm)
     watchdog.start()

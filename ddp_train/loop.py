@@ -78,16 +78,22 @@ def fit(run: Run) -> str:
     batches = math.ceil(run.sampler.num_samples / cfg.batch_size)
     per_epoch, total = plan(cfg, batches)
     lossf = loss_fn(run.task)
-    window = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss sum, samples since last sync
+    # Losses since the last sync, summed only then: per step this is a list append, no tensor op.
+    window: list[tuple[torch.Tensor, int]] = []
     params = [p for p in run.model.parameters() if p.requires_grad]
     first_step = True
     seen = st.step * cfg.batch_size * cfg.grad_accum * run.env.world_size
     t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), seen
 
     def sync_loss() -> float:
-        comm.all_reduce_sum(window)
-        total_loss, count = window.tolist()
-        window.zero_()
+        sums = torch.zeros(2, dtype=torch.float64, device=run.device)
+        if window:
+            losses = torch.stack([loss for loss, _ in window]).double()
+            counts = torch.tensor([n for _, n in window], dtype=torch.float64, device=run.device)
+            sums[0], sums[1] = (losses * counts).sum(), counts.sum()
+        window.clear()
+        comm.all_reduce_sum(sums)
+        total_loss, count = sums.tolist()
         if not math.isfinite(total_loss):
             raise TrainingError(f"the training loss became {total_loss} by step {st.step} (epoch {st.epoch + 1}); "
                                 f"the last good checkpoint is kept in {run.ckpt_dir}. Lower --lr, add "
@@ -117,8 +123,7 @@ def fit(run: Run) -> str:
                     loss = lossf(out.float(), y if run.task == "classification" else y.view_as(out))
                     scaled = loss / group
                     (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-                window[0] += loss.detach().double() * len(y)
-                window[1] += len(y)
+                window.append((loss.detach(), len(y)))
             seen += group * len(y) * run.env.world_size
             _optimizer_step(run, params)
             st.step += 1

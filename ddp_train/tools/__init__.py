@@ -14,13 +14,11 @@ from .predict import predict
 from .summary import summary
 
 
-def _reflow(fn):
-    """typer prints single line breaks of a help text as they are: join each paragraph's lines so
-    the terminal wraps them, keeping an example's indentation."""
+def _keep_examples(fn):
+    """click rewraps every paragraph of a help text; "\\b" keeps indented example lines as written."""
     paragraphs = inspect.cleandoc(fn.__doc__).split("\n\n")
-    fn.__doc__ = "\n\n".join(" ".join([p.splitlines()[0]] + [ln.strip() for ln in p.splitlines()[1:]])
-                             for p in paragraphs)
+    fn.__doc__ = "\n\n".join("\b\n" + p if p.startswith(" ") else p for p in paragraphs)
     return fn
 
 
-COMMANDS: dict = {fn.__name__: _reflow(fn) for fn in (evaluate, predict, summary, plot, env, bench)}
+COMMANDS: dict = {fn.__name__: _keep_examples(fn) for fn in (evaluate, predict, summary, plot, env, bench)}

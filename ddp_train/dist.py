@@ -6,6 +6,7 @@ Every method of `Comm` is a collective unless it says otherwise: call it on all 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -180,6 +181,10 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
         raise
     comm.barrier()
     watchdog.stopped.set()
+    # DDP's reducer and the control group must go before the default group: gloo aborts the
+    # process ("terminate called without an active exception") when its threads outlive it.
+    gc.collect()
+    dist.destroy_process_group(control)
     dist.destroy_process_group()
 
 

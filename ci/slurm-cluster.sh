@@ -23,11 +23,14 @@ die() { echo "slurm-cluster: $*" >&2; exit 1; }
 say() { echo "slurm-cluster: $*" >&2; }
 
 # A pid file's process, if it is alive and still the named program (guards against pid reuse).
+# A killed daemon whose parent never reaped it is a zombie that still has its name: not alive.
 live_pid() {  # <pidfile> <comm>
-    local pid
+    local pid state
     [[ -r $1 ]] || return 1
     pid=$(tr -dc 0-9 <"$1")
     [[ -n $pid && "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]] || return 1
+    state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+    [[ -n $state && $state != Z ]] || return 1
     echo "$pid"
 }
 

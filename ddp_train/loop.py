@@ -90,6 +90,9 @@ def fit(run: Run) -> str:
         if window:
             losses = torch.stack([loss for loss, _ in window]).double()
             counts = torch.tensor([n for _, n in window], dtype=torch.float64, device=run.device)
+            if cfg.skip_nonfinite:  # those steps were skipped: leave them out of the mean too
+                counts = torch.where(torch.isfinite(losses), counts, 0.0)
+                losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
             sums[0], sums[1] = (losses * counts).sum(), counts.sum()
         window.clear()
         comm.all_reduce_sum(sums)

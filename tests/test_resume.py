@@ -189,6 +189,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path)
 def test_skip_nonfinite_goes_on(tiny, tmp_path):
     proc = run_fit(1, *tiny("skip", "--model", "tests.fixtures.userdefs:nan_after_3", "--skip-nonfinite",
                             "--max-steps", "6", "--monitor", "train_loss"), check=False)
+    assert proc.returncode == 0, proc.stderr
     assert "non-finite gradients, step skipped" in proc.stderr
 
 

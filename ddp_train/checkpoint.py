@@ -10,9 +10,10 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.torch_version import TorchVersion
 
 from .errors import UsageError
 
@@ -85,24 +86,26 @@ def atomic_link(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoints/step-*.pt) or start over "
+                                       "with --resume never") -> dict[str, Any]:
     """Load a file with weights_only=True; every failure is one UsageError naming the fix."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist; check the path (or use --resume never)")
+        raise UsageError(f"checkpoint {path} does not exist; check the path (checkpoints live in "
+                         "RUN_DIR/checkpoints/)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Early checkpoints stored torch.__version__ as a TorchVersion (a str subclass): allow just that.
+        with torch.serialization.safe_globals([TorchVersion]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise UsageError(f"{path} holds pickled Python objects, which weights_only loading refuses "
                              "because unpickling can run arbitrary code; re-save plain tensors, e.g. "
                              "torch.save(model.state_dict(), path)") from None
-        raise UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); resume from another "
-                         "checkpoint (checkpoints/step-*.pt) or start over with --resume never") from None
+        raise UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); {fix}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); resume from another "
-                         "checkpoint (checkpoints/step-*.pt) or start over with --resume never") from None
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); {fix}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -114,6 +117,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path} has checkpoint format {ckpt['version']}, newer than this ddp_train "
                          f"reads ({FORMAT_VERSION}); upgrade ddp_train")
     return ckpt
+
+
+def read(path: str | Path, fix: str = "use another checkpoint") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The one reader for fit's --init-from, evaluate, predict and export: (the bare module's state
+    dict, the whole checkpoint or None for a plain state dict)."""
+    raw = load(path, fix)
+    if isinstance(raw, dict) and "version" in raw and "model" in raw:
+        if raw["version"] > FORMAT_VERSION:
+            raise UsageError(f"{path} has checkpoint format {raw['version']}, newer than this ddp_train "
+                             f"reads ({FORMAT_VERSION}); upgrade ddp_train")
+        return raw["model"], raw
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise UsageError(f"{path} is neither a ddp_train checkpoint nor a state dict of tensors; save one "
+                         "with torch.save(model.state_dict(), path)")
+    return strip_prefixes(raw), None
+
+
+class Checkpointer:
+    """Collective saves of the run's state (built by `state(rngs)`), and where the newest one is."""
+
+    def __init__(self, ckpt_dir: Path, comm: Any, keep: int, state: Callable[[list[Any] | None], dict[str, Any]]):
+        self.ckpt_dir, self.comm, self.keep, self.state = ckpt_dir, comm, keep, state
+        self.last: tuple[Path, int] | None = None  # (path, step) of the newest complete checkpoint
+
+    def save(self, *, best: bool = False, step_file: bool = False) -> Path:
+        """Every rank's RNG state goes to rank 0, which writes; all wait until it is durable."""
+        rngs = self.comm.gather_object(rng_state())
+        if self.comm.env.is_main:
+            ckpt = self.state(rngs)
+            write(ckpt, self.ckpt_dir, best=best, step_file=step_file, keep=self.keep)
+        path = self.ckpt_dir / "last.pt"
+        self.last = (path, self.comm.broadcast_object(ckpt["step"] if self.comm.env.is_main else None))
+        return path
+
+    def describe_last(self) -> str:
+        if self.last is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint is {self.last[0]} (step {self.last[1]})"
 
 
 def candidates(ckpt_dir: Path) -> list[Path]:

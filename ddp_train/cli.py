@@ -14,7 +14,7 @@ import typer
 
 from .config import FIELDS, build_config, option_name
 from .distenv import DistEnv, rank_of
-from .errors import AgreedError, PeerFailure
+from .errors import AgreedError, PeerFailure, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,17 +36,52 @@ def _root() -> None:
 
 
 def _fit(config: Optional[str] = None, **options: Any) -> int:
+    options["task_args"] = parse_task_args(options.get("task_args"))
     cfg = build_config(options, config)
-    import torch  # only now: --help must not pay for it
+    from .api import fit  # only now: --help must not pay for torch
 
-    from .train import run_fit
+    result = fit(cfg=cfg)
+    if result.status == "preempted" and rank_of(os.environ) == 0:
+        print(f"preempted at step {result.step}: the checkpoint is saved. To continue, run the same command "
+              f"again, or: {continue_command(result.run_dir)}", file=sys.stderr, flush=True)
+    return result.exit_code
 
-    env = DistEnv.from_environ(os.environ, cuda_devices=torch.cuda.device_count(), backend=cfg.backend)
-    return run_fit(cfg, env)
+
+def parse_task_args(pairs: list[str] | None) -> dict[str, Any] | None:
+    """--task-arg KEY=VALUE (repeated) -> {KEY: VALUE}; values are Python literals where they parse."""
+    if not pairs:
+        return None
+    import ast
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--task-arg {pair!r}: write it as KEY=VALUE, e.g. --task-arg n_layer=4")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def continue_command(run_dir: str) -> str:
+    """The shortest command that continues `run_dir` under this launch."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env and "TORCHELASTIC_RUN_ID" not in env:
+        return f"sbatch the same script (with --requeue it requeues itself); run dir {run_dir}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        nproc = env.get("LOCAL_WORLD_SIZE", "1")
+        return f"torchrun --standalone --nproc_per_node={nproc} -m ddp_train fit --run-dir {run_dir}"
+    return f"ddp-train fit --run-dir {run_dir}"
 
 
 def _option(field: dataclasses.Field) -> inspect.Parameter:
     meta, default = field.metadata, field.default
+    if field.name == "task_args":
+        option = typer.Option(meta["flag"], help=meta["help"], show_default=False, metavar="KEY=VALUE")
+        return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[Optional[list[str]], option])
     help_text = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta["choices"] else "")
     base = {"bool": bool, "int": int, "float": float}.get(str(field.type).split(" ")[0], str)
     flag = option_name(field.name)
@@ -99,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         if not e.reported:
             if debug and rank == 0:
                 traceback.print_exc()
+            elif getattr(e, "details", "") and rank == 0:
+                print(e.details, end="", file=sys.stderr)
             say(str(e))
         code = e.exit_code
     except PeerFailure as e:

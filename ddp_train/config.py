@@ -8,7 +8,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UsageError
 
@@ -22,6 +22,11 @@ def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str
 
 @dataclass(frozen=True)
 class FitConfig:
+    # the user's own training job
+    task: str | None = opt(None, "Your Task class, package.module:Class or path/to/file.py:Class (instead of "
+                           "--data/--model).")
+    task_args: Optional[dict] = opt(None, "A setting of --task's constructor, KEY=VALUE (repeat the option); "
+                                    "values are read as Python literals, else as strings.", flag="--task-arg")
     # data
     data: str = opt("digits", "Data set: digits, synthetic, linreg, mnist, fashion-mnist, cifar10, "
                     "imagefolder, or package.module:function.")
@@ -31,10 +36,16 @@ class FitConfig:
     val_samples: int = opt(1000, "Validation samples of --data synthetic/linreg.", min=1)
     input_shape: str = opt("1,28,28", "Sample shape C,H,W (or F) of --data synthetic.")
     classes: int = opt(10, "Classes of --data synthetic.", min=2)
+    image_size: int | None = opt(None, "Image side in pixels for --data imagefolder (default 224).", min=8)
+    augment: bool | None = opt(None, "Random training augmentation, seeded by (seed, epoch, sample): random "
+                               "resized crop + flip for imagefolder (default on), padded crop (+ flip) for "
+                               "cifar10/mnist/fashion-mnist and image-shaped synthetic data (default off).")
     # model
     model: str | None = opt(None, "Model: mlp, cnn, linear, a torchvision model name, or "
                             "package.module:function. Default: the data set's own.")
     hidden: str = opt("128,64", "Hidden layer widths of --model mlp.")
+    pretrained: bool = opt(False, "Start a torchvision model from its pretrained weights (from the local "
+                           "torch hub cache; the last layer is replaced when the classes differ).")
     # optimisation
     epochs: int = opt(10, "Epochs to train.", min=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
@@ -48,6 +59,8 @@ class FitConfig:
                          choices=("none", "cosine", "step", "onecycle"))
     lr_step_epochs: int = opt(30, "--scheduler step: epochs between decays.", min=1)
     lr_gamma: float = opt(0.1, "--scheduler step: decay factor.", positive=True)
+    warmup_steps: int = opt(0, "Linear learning-rate warm-up over this many steps, before any --scheduler.", min=0)
+    label_smoothing: float = opt(0.0, "Label smoothing of the built-in classification loss.", min=0)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (no all-reduce on the others).", min=1)
     clip_grad_norm: float | None = opt(None, "Clip the global gradient norm to this value.", positive=True)
     precision: str = opt("32", "Numeric precision (autocast; fp16 adds a GradScaler).",
@@ -57,8 +70,14 @@ class FitConfig:
     data_on_device: bool = opt(False, "Move in-memory data sets to the device once (no copy per step).")
     seed: int = opt(0, "Random seed (same on every rank; dropout streams differ per rank).", min=0)
     deterministic: bool = opt(False, "Use deterministic algorithms only (slower on GPU).")
-    skip_nonfinite: bool = opt(False, "Skip optimizer steps whose loss is NaN/inf instead of stopping.")
-    # early stopping and best checkpoint
+    skip_nonfinite: bool = opt(False, "Skip optimizer steps whose gradients are NaN/inf instead of stopping.")
+    max_skipped: int = opt(10, "With --skip-nonfinite: stop after this many skipped steps in a row.", min=1)
+    # evaluation, early stopping and best checkpoint
+    eval_every: int | None = opt(None, "Evaluate (and checkpoint) every this many steps instead of every epoch.",
+                                 min=1)
+    metrics: str | None = opt(None, "Extra validation metrics from torchmetrics, comma-separated: auroc, ap, "
+                              "top3, top5, precision, recall (classification); explained_variance, mape "
+                              "(regression).")
     monitor: str = opt("val_loss", "Metric that picks best.pt and drives early stopping.")
     mode: str = opt("auto", "Whether --monitor should go down or up (auto: from its name).",
                     choices=("auto", "min", "max"))
@@ -92,6 +111,10 @@ class FitConfig:
     debug: bool = opt(False, "Show tracebacks for usage errors.")
 
     def __post_init__(self) -> None:
+        if self.task and (self.data != "digits" or self.model is not None):
+            raise UsageError("--task brings its own data and model: drop --data/--model, or drop --task")
+        if self.task_args and not self.task:
+            raise UsageError("--task-arg sets a setting of --task's class: pass --task too")
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if value is None:
@@ -121,15 +144,19 @@ class FitConfig:
 
 
 def option_name(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    field_ = FIELDS.get(key)
+    return (field_ and field_.metadata.get("flag")) or "--" + key.replace("_", "-")
 
 
 def parse_shape(text: str, what: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in text.split(","))
     except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers like 1,28,28 (got {text!r})") from None
+        example = "128,64" if what == "--hidden" else "1,28,28"
+        raise UsageError(f"{what} must be comma-separated integers like {example} (got {text!r})") from None
     if not shape or any(s < 1 for s in shape):
+        if what == "--hidden":
+            raise UsageError(f"{what} must be positive integers like 128,64 (got {text!r})")
         raise UsageError(f"{what} must be positive integers like 1,28,28 (got {text!r})")
     return shape
 
@@ -141,7 +168,7 @@ RESUMABLE_CHANGES = frozenset({
     "epochs", "max_steps", "patience", "workers", "timeout", "run_dir", "resume", "overwrite",
     "save_every", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks", "progress",
     "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
-    "init_from", "init_strict", "compile",
+    "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped",
 })
 
 
@@ -168,8 +195,9 @@ def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _field_type(key: str) -> tuple[type, ...]:
     annotation = str(FIELDS[key].type)
-    types = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
-    return tuple(t for name, t in types.items() if name in annotation.replace(" ", "").split("|"))
+    types = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None), "dict": dict}
+    annotation = annotation.replace(" ", "").replace("Optional[dict]", "dict|None")
+    return tuple(t for name, t in types.items() if name in annotation.split("|"))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -186,11 +214,28 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return check_types(raw, str(path))
 
 
+# Per invocation: never taken from a run directory's saved settings.
+PER_INVOCATION = frozenset({"run_dir", "resume", "overwrite", "init_from", "init_strict", "debug"})
+
+
 def build_config(cli_values: dict[str, Any], config_file: str | None = None) -> FitConfig:
-    """Defaults < TOML file < command-line flags (flags given as None were not set)."""
-    values = load_toml(config_file) if config_file else {}
-    values.update({k: v for k, v in cli_values.items() if v is not None})
-    return FitConfig(**values)
+    """Defaults < the run directory's saved settings (when continuing it) < TOML file < flags
+    (flags given as None were not set). So `fit --run-dir runs/x` alone continues runs/x as it was."""
+    given = load_toml(config_file) if config_file else {}
+    given.update({k: v for k, v in cli_values.items() if v is not None})
+    return FitConfig(**{**saved_settings(given.get("run_dir"), given.get("resume", "auto")), **given})
+
+
+def saved_settings(run_dir: str | None, resume: str) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json" if run_dir else None
+    if path is None or resume == "never" or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); restore it, or pass every option again with "
+                         "--resume never --overwrite") from None
+    return check_types({k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION}, str(path))
 
 
 def config_from_dict(values: dict[str, Any]) -> FitConfig:

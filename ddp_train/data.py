@@ -1,55 +1,73 @@
-"""Data sets (a registry of builders) and the distributed train/eval loaders."""
+"""The built-in data sets (a registry of builders), the in-memory `TensorData`, and the loaders."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
-import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .config import FitConfig, parse_shape
 from .errors import UsageError
-from .metrics import CLASSIFICATION, REGRESSION
-from .userfn import load_user_function
+from .sampling import EvalChunks, PerSample, TrainSampler
+from .transforms import EpochIndexed, batch_hashes, image_transforms, padded_crop_flip
+from .userfn import load_user_function, user_code
+
+CLASSIFICATION, REGRESSION = "classification", "regression"
 
 
 class TensorData(Dataset):
-    """An in-memory data set. Indexing with a list of indices gathers a whole batch in one op per
-    tensor, which the loaders use instead of per-sample __getitem__ + collate."""
+    """An in-memory data set. Indexing with a tensor of indices (or a slice) gathers a whole batch
+    in one op per tensor, which the loaders use instead of per-sample __getitem__ + collate.
+    `augment(x_batch, hashes)` augments training batches from per-sample hashes of (seed, epoch, index)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Callable | None = None, seed: int = 0):
+        self.x, self.y, self.augment, self.seed = x, y, augment, seed
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(index, list):
-            index = torch.as_tensor(index, device=self.x.device)
-        return self.x[index], self.y[index]
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch = None
+        if isinstance(key, tuple):  # (epoch, indices) from the train sampler
+            epoch, key = key
+        if isinstance(key, list):
+            key = torch.as_tensor(key)
+        if isinstance(key, torch.Tensor) and key.device != self.x.device:
+            key = key.to(self.x.device)
+        x, y = self.x[key], self.y[key]
+        if self.augment is not None and epoch is not None:
+            index = key if isinstance(key, torch.Tensor) else torch.arange(len(self.x), device=x.device)[key]
+            single = index.dim() == 0
+            x = self.augment(x[None] if single else x, batch_hashes(self.seed, epoch, index.view(-1)))
+            x = x[0] if single else x
+        return x, y
 
     def to(self, device: torch.device) -> "TensorData":
-        return TensorData(self.x.to(device), self.y.to(device))
+        return TensorData(self.x.to(device), self.y.to(device), self.augment, self.seed)
+
+    def with_augment(self, augment: Callable | None, seed: int) -> "TensorData":
+        return TensorData(self.x, self.y, augment, seed)
 
 
 @dataclass
 class DataBundle:
     train: Dataset
     val: Dataset
-    task: str
+    kind: str  # CLASSIFICATION or REGRESSION
     num_outputs: int
     input_shape: tuple[int, ...]
     default_model: str
     test: Dataset | None = None
+    classes: list[str] | None = None  # class names, where the data set has them
 
 
 DATASETS: dict[str, Callable[[FitConfig], DataBundle]] = {}
+IMAGE_SIZE_SETS = ("imagefolder",)
 
 
 def register(name: str):
@@ -65,16 +83,33 @@ def build_data(cfg: FitConfig) -> DataBundle:
     if cfg.data not in DATASETS:
         raise UsageError(f"unknown data set {cfg.data!r}; choose one of {', '.join(DATASETS)}, "
                          "or package.module:function")
-    return DATASETS[cfg.data](cfg)
+    if cfg.image_size is not None and cfg.data not in IMAGE_SIZE_SETS:
+        raise UsageError(f"--image-size applies to --data imagefolder; {cfg.data} keeps its own size")
+    bundle = DATASETS[cfg.data](cfg)
+    _check_labels(bundle, cfg.data)
+    return bundle
 
 
-def build_data_rank0_first(cfg: FitConfig, comm: Any) -> DataBundle:
-    """Collective: with --download, rank 0 fetches first while the others wait, then they load."""
-    if not (cfg.download and comm.active):
-        return build_data(cfg)
+def rank0_first(build: Callable[[], Any], download: bool, comm: Any) -> Any:
+    """Collective: with --download, rank 0 builds (and fetches) first while the others wait."""
+    if not (download and comm.active):
+        return build()
     built: list = []
-    comm.rank0(lambda: built.append(build_data(cfg)))  # returns None: no data set is broadcast
-    return built[0] if built else build_data(cfg.replace(download=False))
+    comm.rank0(lambda: built.append(build()))  # returns None: no data set is broadcast
+    return built[0] if built else build()
+
+
+def _check_labels(bundle: DataBundle, source: str) -> None:
+    """Class labels out of range fail deep inside cross_entropy: say so up front, for in-memory sets."""
+    if bundle.kind != CLASSIFICATION:
+        return
+    for split, ds in (("train", bundle.train), ("val", bundle.val)):
+        if isinstance(ds, TensorData) and len(ds):
+            low, high = int(ds.y.min()), int(ds.y.max())
+            if low < 0 or high >= bundle.num_outputs:
+                raise UsageError(f"--data {source}: {split} labels run from {low} to {high}, but num_outputs is "
+                                 f"{bundle.num_outputs}; labels must be 0..{bundle.num_outputs - 1} "
+                                 "(raise num_outputs, or remap the labels)")
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[TensorData, TensorData]:
@@ -112,6 +147,8 @@ def synthetic(cfg: FitConfig) -> DataBundle:
         return TensorData(protos[y] + 1.5 * torch.randn(n, *shape, generator=g), y)
 
     train, val = make(cfg.samples), make(cfg.val_samples)
+    if cfg.augment and len(shape) == 3:
+        train = train.with_augment(padded_crop_flip, cfg.seed)
     return DataBundle(train, val, CLASSIFICATION, cfg.classes, shape, "cnn" if len(shape) == 3 else "mlp")
 
 
@@ -128,21 +165,33 @@ def linreg(cfg: FitConfig) -> DataBundle:
     return DataBundle(make(cfg.samples), make(cfg.val_samples), REGRESSION, 1, (2,), "linear")
 
 
-def _torchvision_set(cls_name: str, mean: Sequence[float], std: Sequence[float]):
+def _torchvision_set(cls_name: str, mean: Sequence[float], std: Sequence[float], flip: bool):
     def build(cfg: FitConfig) -> DataBundle:
         import torchvision
 
-        root = _data_dir(cfg)
+        root = _data_dir(cfg, downloadable=True)
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train, test = cls(root, train=True, download=cfg.download), cls(root, train=False)
         except RuntimeError as e:
-            raise UsageError(f"{cls_name} not found under {root} ({e}); pass --download to fetch it "
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"{cls_name} not found under {root} ({reason}); pass --download to fetch it "
                              "(rank 0 downloads, the others wait) or point --data-dir at a copy") from None
+        except OSError as e:  # --download without a network
+            raise UsageError(f"{cls_name} could not be downloaded into {root} ({_first_line(e)}); copy the "
+                             "files there by hand and drop --download") from None
         val = _as_tensors(test, mean, std)
-        return DataBundle(_as_tensors(train, mean, std), val, CLASSIFICATION, 10,
-                          tuple(val.x.shape[1:]), "cnn", test=val)
+        train_set = _as_tensors(train, mean, std)
+        if cfg.augment:
+            train_set = train_set.with_augment(padded_crop_flip if flip else _padded_crop, cfg.seed)
+        return DataBundle(train_set, val, CLASSIFICATION, 10, tuple(val.x.shape[1:]), "cnn", test=val,
+                          classes=list(getattr(train, "classes", [])) or None)
     return build
+
+
+def _padded_crop(x: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
+    """Padded crop without the flip (digits and letters are not mirror-symmetric)."""
+    return padded_crop_flip(x, hashes - hashes // 81 % 2 * 81, pad=2)
 
 
 def _as_tensors(ds: Any, mean: Sequence[float], std: Sequence[float]) -> TensorData:
@@ -153,17 +202,25 @@ def _as_tensors(ds: Any, mean: Sequence[float], std: Sequence[float]) -> TensorD
     return TensorData((x.float() / 255 - m) / s, torch.as_tensor(ds.targets).long())
 
 
-register("mnist")(_torchvision_set("MNIST", (0.1307,), (0.3081,)))
-register("fashion-mnist")(_torchvision_set("FashionMNIST", (0.2860,), (0.3530,)))
-register("cifar10")(_torchvision_set("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+register("mnist")(_torchvision_set("MNIST", (0.1307,), (0.3081,), flip=False))
+register("fashion-mnist")(_torchvision_set("FashionMNIST", (0.2860,), (0.3530,), flip=True))
+register("cifar10")(_torchvision_set("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), flip=True))
 
 
 @register("imagefolder")
 def imagefolder(cfg: FitConfig) -> DataBundle:
-    """`--data-dir` with train/ and val/ (optionally test/) folders of one folder per class."""
-    from torchvision import datasets, transforms
+    """`--data-dir` with train/ and val/ (optionally test/) folders of one folder per class, read
+    from disk by the loader workers (never loaded whole). Training images get the random resized
+    crop + flip recipe unless --no-augment; evaluation images are resized and centre-cropped."""
+    from torchvision import datasets
 
-    root = _data_dir(cfg)
+    root = _data_dir(cfg, downloadable=False)
+    size = cfg.image_size or 224
+    augment = True if cfg.augment is None else cfg.augment
     splits = {}
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
@@ -172,30 +229,31 @@ def imagefolder(cfg: FitConfig) -> DataBundle:
             raise UsageError(f"imagefolder: {root / split} is missing; --data-dir needs train/ and val/ "
                              "folders with one sub-folder of images per class")
         try:
-            probe = datasets.ImageFolder(root / split)
+            splits[split] = datasets.ImageFolder(root / split, transform=image_transforms(size, split == "train", augment))
         except (FileNotFoundError, RuntimeError) as e:
             raise UsageError(f"imagefolder: {root / split} has no usable images ({e})") from None
-        size = probe[0][0].size[::-1]
-        splits[split] = datasets.ImageFolder(root / split, transform=transforms.Compose(
-            [transforms.Resize(size), transforms.ToTensor()]))
     train = splits["train"]
-    shape = tuple(train[0][0].shape)
-    return DataBundle(train, splits["val"], CLASSIFICATION, len(train.classes), shape, "resnet18",
-                      test=splits.get("test"))
+    if splits["val"].classes != train.classes:
+        raise UsageError(f"imagefolder: val/ has classes {splits['val'].classes} but train/ has {train.classes}; "
+                         "both need the same class folders")
+    return DataBundle(train, splits["val"], CLASSIFICATION, len(train.classes), (3, size, size), "resnet18",
+                      test=splits.get("test"), classes=list(train.classes))
 
 
-def _data_dir(cfg: FitConfig) -> Path:
+def _data_dir(cfg: FitConfig, downloadable: bool) -> Path:
     if not cfg.data_dir:
         raise UsageError(f"--data {cfg.data} reads files: pass --data-dir FOLDER")
     root = Path(cfg.data_dir)
-    if not root.is_dir() and not cfg.download:
-        raise UsageError(f"--data-dir {root} does not exist; create it, or pass --download")
+    if not root.is_dir() and not (downloadable and cfg.download):
+        fix = "create it, or pass --download" if downloadable else "point it at a folder with train/ and val/"
+        raise UsageError(f"--data-dir {root} does not exist; {fix}")
     return root
 
 
 def _user_data(cfg: FitConfig) -> DataBundle:
     fn = load_user_function(cfg.data, "--data")
-    out = fn(cfg.data_dir)
+    with user_code("--data", cfg.data):
+        out = fn(cfg.data_dir)
     keys = {"train", "val", "task"}
     if not isinstance(out, dict) or not keys <= out.keys():
         raise UsageError(f"--data {cfg.data} must return a dict with keys train, val, task "
@@ -206,85 +264,50 @@ def _user_data(cfg: FitConfig) -> DataBundle:
     try:
         sample = out["train"][0][0]
     except Exception as e:
-        raise UsageError(f"--data {cfg.data}: train[0] must be an (input, target) pair ({e})") from None
+        raise UsageError(f"--data {cfg.data}: train[0] must be an (input, target) pair ({e}); for other "
+                         "sample structures write a Task (see the README, 'Your own model')") from None
     shape = tuple(sample.shape)
     if "num_outputs" not in out:
         raise UsageError(f"--data {cfg.data}: add num_outputs (classes, or regression targets) to the dict")
-    return DataBundle(out["train"], out["val"], out["task"], int(out["num_outputs"]), shape,
-                      "mlp" if len(shape) == 1 else "cnn", test=out.get("test"))
+    bundle = DataBundle(out["train"], out["val"], out["task"], int(out["num_outputs"]), shape,
+                        "cnn" if len(shape) == 3 else "mlp", test=out.get("test"), classes=out.get("classes"))
+    _check_labels(bundle, cfg.data)
+    return bundle
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through (mid-epoch resume) by skipping
-    indices, never by loading and discarding data."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class EvalChunkSampler(Sampler[list[int]]):
-    """Splits the data set into fixed global chunks of `batch_size` and deals them round-robin to
-    ranks: every sample is seen by exactly one rank, and each chunk is computed identically for
-    any world size, so evaluation equals a single-process evaluation bit for bit."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.num_chunks = math.ceil(n / batch_size)
-
-    def chunk_ids(self) -> range:
-        return range(self.rank, self.num_chunks, self.world_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for c in self.chunk_ids():
-            yield list(range(c * self.batch_size, min((c + 1) * self.batch_size, self.n)))
-
-    def __len__(self) -> int:
-        return len(self.chunk_ids())
-
-
-def train_loader(ds: Dataset, cfg: FitConfig, rank: int, world_size: int, cuda: bool) -> DataLoader:
-    sampler = ResumableDistributedSampler(ds, num_replicas=world_size, rank=rank, seed=cfg.seed)
-    common = _loader_args(ds, cfg, cuda)
+def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
+                 cuda: bool) -> tuple[DataLoader, TrainSampler]:
+    """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
+    batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
+    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed)
+    common = _loader_args(ds, workers, cuda, seed)
     if isinstance(ds, TensorData):
-        return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size, drop_last=False),
-                          batch_size=None, **common)
-    return DataLoader(ds, sampler=sampler, batch_size=cfg.batch_size, **common)
+        return DataLoader(ds, sampler=sampler, batch_size=None, **common), sampler
+    return DataLoader(EpochIndexed(ds, seed), batch_sampler=PerSample(sampler), **common), sampler
 
 
 def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, workers: int,
-                cuda: bool) -> DataLoader:
-    chunks = EvalChunkSampler(len(ds), batch_size, rank, world_size)
-    common = _loader_args(ds, None, cuda, workers)
-    if isinstance(ds, TensorData):
-        return DataLoader(ds, sampler=chunks, batch_size=None, **common)
-    return DataLoader(ds, batch_sampler=chunks, **common)
+                cuda: bool) -> tuple[DataLoader, EvalChunks]:
+    in_memory = isinstance(ds, TensorData)
+    chunks = EvalChunks(len(ds), batch_size, rank, world_size, as_lists=not in_memory)
+    common = _loader_args(ds, workers, cuda, 0)
+    if in_memory:
+        return DataLoader(ds, sampler=chunks, batch_size=None, **common), chunks
+    return DataLoader(ds, batch_sampler=chunks, **common), chunks
 
 
-def _loader_args(ds: Dataset, cfg: FitConfig | None, cuda: bool, workers: int | None = None) -> dict:
-    workers = cfg.workers if cfg is not None else workers
+def _loader_args(ds: Dataset, workers: int, cuda: bool, seed: int) -> dict:
     on_device = isinstance(ds, TensorData) and ds.x.device.type != "cpu"
     if on_device:
         workers = 0
     # An own generator: otherwise each iter() draws a worker seed from the global RNG, and a
     # resumed run (fresh iterator mid-epoch) would consume one draw more than an uninterrupted one.
-    seed = cfg.seed if cfg is not None else 0
     return dict(num_workers=workers, pin_memory=cuda and not on_device, persistent_workers=workers > 0,
                 generator=torch.Generator().manual_seed(seed))
 
 
-def check_sizes(bundle: DataBundle, world_size: int) -> None:
-    for name, ds in (("training", bundle.train), ("validation", bundle.val)):
-        if len(ds) < world_size:
+def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:
+    for name, ds in splits.items():
+        if name in ("train", "val") and len(ds) < world_size:
             raise UsageError(f"the {name} set has {len(ds)} samples but the job has {world_size} ranks; "
                              "use fewer processes or more data")

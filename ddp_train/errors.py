@@ -26,3 +26,6 @@ class TrainingError(AgreedError):
 
 class PeerFailure(Exception):
     """Another rank failed or vanished; its own error says why."""
+
+# What a collective raises when another rank died under it.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")

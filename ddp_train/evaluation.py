@@ -1,4 +1,9 @@
-"""Exact distributed evaluation: each sample counted once, the same figures for any world size."""
+"""Exact distributed evaluation: each sample counted once, the same figures for any world size.
+
+Each rank evaluates its fixed global chunks (sampling.EvalChunks). Per chunk it records the loss
+sum, the built-in statistics and each torchmetrics metric's state; the loss and statistics travel
+in one all-reduce, the metric states in one gather; everything is then summed in chunk order.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .batch import count, move_to
 from .dist import Comm
-from .metrics import Statistics
+from .metrics import ChunkedMetric
+from .sampling import EvalChunks
+from .task import Task, overrides
 
 
 def autocast(device: torch.device, precision: str) -> Any:
@@ -20,26 +28,81 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 
 class Evaluator:
-    def __init__(self, loader: DataLoader, task: str, num_outputs: int, device: torch.device,
-                 comm: Comm, precision: str = "32"):
-        self.loader, self.task, self.device, self.comm, self.precision = loader, task, device, comm, precision
-        self.num_outputs = num_outputs
-        self.chunks = loader.sampler if loader.batch_sampler is None else loader.batch_sampler
+    def __init__(self, task: Task, loader: DataLoader, chunks: EvalChunks, device: torch.device, comm: Comm,
+                 precision: str = "32", channels_last: bool = False):
+        self.task, self.loader, self.chunks = task, loader, chunks
+        self.device, self.comm, self.precision, self.channels_last = device, comm, precision, channels_last
+        self.metrics = [ChunkedMetric(name, m) for name, m in task.metrics().items()]
+        for m in self.metrics:
+            m.metric.to(device)
+        make_stats = getattr(task, "statistics", None)
+        self.stats_names = make_stats(1, device).names if make_stats else ()
+        # A Task that only overrides loss() gets val_loss from it (a second forward when metrics
+        # also need outputs); otherwise loss and outputs come from one eval_step.
+        self.one_forward = not overrides(task, "loss")
+
+    @property
+    def names(self) -> list[str]:
+        return ["val_loss"] + [f"val_{n}" for n in self.stats_names] + [f"val_{m.name}" for m in self.metrics]
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, outputs: list | None = None) -> dict[str, float]:
         """Metrics over the whole split. With `outputs`, also collects (chunk id, model outputs)."""
-        stats = Statistics(self.task, self.num_outputs, self.chunks.num_chunks, self.device)
+        n_chunks = self.chunks.num_chunks
+        make_stats = getattr(self.task, "statistics", None)
+        stats = make_stats(n_chunks, self.device) if make_stats else None
+        losses = torch.zeros(n_chunks, dtype=torch.float64, device=self.device)
+        states: list[tuple[int, list[dict]]] = []
+        need_outputs = stats is not None or self.metrics or outputs is not None
         was_training = model.training
         model.eval()
-        for chunk_id, (x, y) in zip(self.chunks.chunk_ids(), self.loader):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                out = model(x)
-            stats.update(chunk_id, out, y)
-            if outputs is not None:
-                outputs.append((chunk_id, out.float().cpu()))
-        model.train(was_training)
-        self.comm.all_reduce_sum(stats.tensor)
-        return stats.compute(self.chunks.n)
+        try:
+            for chunk_id, batch in zip(self.chunks.chunk_ids(), self.loader):
+                batch = move_to(batch, self.device, self.channels_last)
+                with autocast(self.device, self.precision):
+                    if self.one_forward:
+                        out, target = self.task.eval_step(model, batch)
+                        loss = self.task.criterion(out, target)
+                    else:
+                        loss = self.task.loss(model, batch)
+                        if need_outputs:
+                            out, target = self.task.eval_step(model, batch)
+                losses[chunk_id] = loss.double() * count(batch)
+                if stats is not None:
+                    stats.update(chunk_id, out.float(), target)
+                if self.metrics:
+                    states.append((chunk_id, [m.chunk_state(_float(out), target) for m in self.metrics]))
+                if outputs is not None:
+                    outputs.append((chunk_id, _float(out).cpu()))
+        finally:
+            model.train(was_training)
+        synced = torch.cat([losses, stats.tensor]) if stats is not None else losses
+        self.comm.all_reduce_sum(synced)
+        results = {"val_loss": synced[:n_chunks].sum().item() / self.chunks.n}
+        if stats is not None:
+            stats.tensor = synced[n_chunks:]
+            results.update({f"val_{k}": v for k, v in stats.compute().items()})
+        if self.metrics:
+            results.update(self._metric_results(states))
+        return results
+
+    def _metric_results(self, states: list[tuple[int, list[dict]]]) -> dict[str, float]:
+        """Rank 0 merges every chunk's metric states in chunk order and computes; all ranks get it."""
+        gathered = self.comm.gather_object(states)
+
+        def compute() -> dict[str, float]:
+            ordered = sorted((pair for per_rank in gathered for pair in per_rank), key=lambda pair: pair[0])
+            out = {}
+            for i, m in enumerate(self.metrics):
+                value = m.compute([chunk_states[i] for _, chunk_states in ordered])
+                if isinstance(value, torch.Tensor):
+                    out.update({f"val_{m.name}_{j}": v for j, v in enumerate(value.flatten().tolist())})
+                else:
+                    out[f"val_{m.name}"] = float(value)
+            return out
+
+        return self.comm.rank0(compute)
+
+
+def _float(out: Any) -> Any:
+    return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out

@@ -143,12 +143,47 @@ class Tracker:
         pass
 
 
+def make_tracker(project: str, name: str, run_dir: Path, config: dict[str, Any], run_id: str | None) -> Tracker:
+    """wandb on rank 0. A tracker never stops training: without an API key it logs offline, and if
+    wandb fails to start at all the run goes on untracked; each case says so in one warning line."""
+    import os
+
+    mode = None
+    if not os.environ.get("WANDB_MODE") and not _wandb_key():
+        log.warning("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to %s/wandb; "
+                    "upload later with `wandb sync`", run_dir)
+        mode = "offline"
+    for attempt in dict.fromkeys((mode, "offline")):
+        try:
+            return WandbTracker(project, name, run_dir, config, run_id, attempt)
+        except Exception as e:  # wandb raises many kinds; none may end the run
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if attempt == "offline":
+                log.warning("wandb: could not start even offline (%s): this run is not tracked", reason)
+                return Tracker()
+            log.warning("wandb: could not start (%s): logging offline to %s/wandb instead", reason, run_dir)
+    return Tracker()
+
+
+def _wandb_key() -> bool:
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
 class WandbTracker(Tracker):
-    def __init__(self, project: str, name: str, run_dir: Path, config: dict[str, Any], run_id: str | None):
+    def __init__(self, project: str, name: str, run_dir: Path, config: dict[str, Any], run_id: str | None,
+                 mode: str | None = None):
         import wandb
 
         self._wandb = wandb
-        self._run = wandb.init(project=project, name=name, id=run_id, resume="allow",
+        self._run = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
                                dir=str(run_dir), config=config)
         self.run_id = self._run.id
 
@@ -157,3 +192,38 @@ class WandbTracker(Tracker):
 
     def finish(self, exit_code: int) -> None:
         self._run.finish(exit_code=exit_code)
+
+
+class Reporter:
+    """Everything the loop reports, to every sink: console/progress, run files, tracker."""
+
+    def __init__(self, files: RunFiles, tracker: Tracker, progress: Progress):
+        self.files, self.tracker, self.progress = files, tracker, progress
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.progress.start_epoch(epoch, epochs, steps, done)
+
+    def advance(self) -> None:
+        self.progress.advance()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.files.event(name, **fields)
+
+    def train(self, step: int, epoch: int, total: int, epochs: int, samples: int, loss: float, lr: float,
+              rate: float) -> None:
+        self.files.event("train", step=step, epoch=epoch, samples=samples, loss=loss, lr=lr)
+        self.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step)
+        self.progress.show(f"epoch {epoch}/{epochs} step {step}/{total} loss {loss:.4f} lr {lr:.3g} "
+                           f"{rate:.0f} samples/s")
+
+    def evaluation(self, row: dict[str, Any], epochs: int) -> None:
+        self.files.history_row(row)
+        self.files.event("eval", **row)
+        self.tracker.log({f"val/{k[4:]}" if k.startswith("val_") else k: v for k, v in row.items()}, row["step"])
+        log.info("epoch %d/%d %s", row["epoch"], epochs, fmt({k: v for k, v in row.items() if k != "epoch"}))
+
+    def close(self, step: int, exit_code: int) -> None:
+        self.progress.close()
+        self.files.event("end", step=step, exit_code=exit_code)
+        self.files.close()
+        self.tracker.finish(exit_code)

@@ -1,29 +1,27 @@
-"""The training loop: steps, accumulation, AMP, clipping, logging, evaluation, early stopping,
-checkpoints and the preemption check. Every decision is made identically on every rank."""
+"""The training loop, in three units: `Trainer.step` (one optimizer step over its micro-batches),
+`LossWindow` (the synced training loss), and `train` (epochs, logging, evaluation, checkpoints,
+preemption). Every decision is made identically on every rank, from synced values."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import platform
-import subprocess
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from . import __version__, checkpoint
+from .batch import count, move_to, shapes
 from .config import FitConfig
 from .dist import Comm
-from .distenv import DistEnv
-from .errors import TrainingError
+from .errors import PEER_LOST, TrainingError
 from .evaluation import Evaluator, autocast
-from .log import Progress, RunFiles, Tracker, fmt
-from .metrics import loss_fn
-from .preempt import PreemptFlag
+from .log import Reporter, fmt
+from .policy import Policy
+from .task import Task
+from .userfn import user_error
 
 log = logging.getLogger("ddp_train")
 
@@ -33,36 +31,119 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    best: float | None = None
-    bad_evals: int = 0
-    loss_sum: float = 0.0  # this epoch's synced training loss so far: [sum, count]
+    loss_sum: float = 0.0  # synced training loss since the last evaluation: sum and sample count
     loss_count: float = 0.0
+    skipped: int = 0  # non-finite steps skipped in a row
+    status: str = "running"  # running | done | early_stop
+
+
+class Trainer:
+    """Owns what changes the weights: the wrapped model, optimizer, scheduler and scaler."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, wrapped: torch.nn.Module, optimizer: Any,
+                 scheduler: Any, scaler: Any, cfg: FitConfig, device: torch.device):
+        self.task, self.model, self.wrapped = task, model, wrapped
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.device, self.precision, self.channels_last = device, cfg.precision, cfg.channels_last
+        self.clip, self.skip_nonfinite = cfg.clip_grad_norm, cfg.skip_nonfinite
+        inner = getattr(wrapped, "_orig_mod", wrapped)
+        self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, micro_batches: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
+        """Forward, loss and backward for each micro-batch (gradients all-reduced on the last one
+        only), then one optimizer step. Returns each micro-batch's (loss, samples) and whether the
+        step was applied (False: skipped for non-finite gradients)."""
+        losses = []
+        group = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            batch = move_to(batch, self.device, self.channels_last)
+            last = i == group - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.device, self.precision):
+                    loss = self.task.loss(self.wrapped, batch)
+                scaled = loss / group
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            losses.append((loss.detach(), count(batch)))
+        return losses, self._apply()
+
+    def _apply(self) -> bool:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        applied = True
+        if self.clip or self.skip_nonfinite:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or math.inf)
+            # Gradients are already all-reduced, so this check (a host sync, opted into) agrees on every rank.
+            applied = bool(self.scaler) or not self.skip_nonfinite or bool(torch.isfinite(norm).item())
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return applied
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class LossWindow:
+    """Training losses since the last sync. Per micro-batch this is a list append (no tensor op);
+    `sync` all-reduces them once and names the first step whose loss was not finite."""
+
+    def __init__(self, comm: Comm, device: torch.device, skip_nonfinite: bool):
+        self.comm, self.device, self.skip_nonfinite = comm, device, skip_nonfinite
+        self.losses: list[torch.Tensor] = []
+        self.counts: list[int] = []
+        self.steps: list[tuple[int, int]] = []  # (step, epoch) of each entry
+
+    def add(self, losses: list[tuple[torch.Tensor, int]], step: int, epoch: int) -> None:
+        for loss, n in losses:
+            self.losses.append(loss)
+            self.counts.append(n)
+            self.steps.append((step, epoch))
+
+    def sync(self) -> tuple[float, float, tuple[int, int] | None]:
+        """Collective: (sum of losses x samples, samples, (step, epoch) of the first non-finite loss)."""
+        k = len(self.losses)
+        vec = torch.zeros(2 * k + 1, dtype=torch.float64, device=self.device)
+        if k:
+            losses = torch.stack(self.losses).double()
+            counts = torch.tensor(self.counts, dtype=torch.float64, device=self.device)
+            vec[:k], vec[k:2 * k] = losses * counts, counts
+        self.comm.all_reduce_sum(vec)
+        steps, self.losses, self.counts, self.steps = self.steps, [], [], []
+        weighted, counts = vec[:k], vec[k:2 * k]
+        finite = torch.isfinite(weighted)
+        bad = None if bool(finite.all()) else steps[int((~finite).nonzero()[0])]
+        if self.skip_nonfinite:  # those steps were skipped: leave them out of the mean too
+            counts = torch.where(finite, counts, 0.0)
+            weighted = torch.where(finite, weighted, 0.0)
+            bad = None
+        return weighted.sum().item(), counts.sum().item(), bad
 
 
 @dataclass
-class Run:
+class Loop:
+    """What `train` works with; each part has one owner (see train.build)."""
     cfg: FitConfig
-    env: DistEnv
     comm: Comm
-    model: torch.nn.Module  # the bare module: state dicts and evaluation
-    wrapped: torch.nn.Module  # what trains: DDP / DataParallel / compiled
-    ddp: Any  # the DDP module when there is one, for no_sync()
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: Any
+    trainer: Trainer
     loader: Any
     sampler: Any
     evaluator: Evaluator
-    task: str
-    device: torch.device
-    ckpt_dir: Path
+    policy: Policy
+    save: Callable[..., Any]  # save(best=, step_file=) -> path; collective
+    last_good: Callable[[], str]  # where the newest checkpoint is, for error messages
+    report: Reporter
+    preempt: Any
     total_steps: int
-    files: RunFiles
-    tracker: Tracker
-    progress: Progress
-    preempt: PreemptFlag
-    resolved: dict[str, Any]
-    state: TrainState = field(default_factory=TrainState)
+    world_size: int
+    origin: str  # the option that brought the user's code, for error messages
+    state: TrainState
 
 
 def plan(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:
@@ -72,198 +153,124 @@ def plan(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def fit(run: Run) -> str:
-    """Train until done; returns 'done', 'early_stop' or 'preempted'."""
-    cfg, st, comm = run.cfg, run.state, run.comm
-    batches = math.ceil(run.sampler.num_samples / cfg.batch_size)
+def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, float]]:
+    """Train until done; returns ('done' | 'early_stop' | 'preempted', the last evaluation's row)."""
+    cfg, st, comm, trainer = run.cfg, run.state, run.comm, run.trainer
+    batches = run.sampler.num_batches
     per_epoch, total = plan(cfg, batches)
-    lossf = loss_fn(run.task)
-    # Losses since the last sync, summed only then: per step this is a list append, no tensor op.
-    window: list[tuple[torch.Tensor, int]] = []
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    first_step = True
-    seen = st.step * cfg.batch_size * cfg.grad_accum * run.env.world_size
-    t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), seen
+    window = LossWindow(comm, trainer.device, cfg.skip_nonfinite)
+    seen = st.step * cfg.batch_size * cfg.grad_accum * run.world_size
+    t0 = t_log = time.perf_counter()
+    seen_log, first_step, last_row = seen, True, {}
 
-    def sync_loss() -> float:
-        sums = torch.zeros(2, dtype=torch.float64, device=run.device)
-        if window:
-            losses = torch.stack([loss for loss, _ in window]).double()
-            counts = torch.tensor([n for _, n in window], dtype=torch.float64, device=run.device)
-            if cfg.skip_nonfinite:  # those steps were skipped: leave them out of the mean too
-                counts = torch.where(torch.isfinite(losses), counts, 0.0)
-                losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
-            sums[0], sums[1] = (losses * counts).sum(), counts.sum()
-        window.clear()
-        comm.all_reduce_sum(sums)
-        total_loss, count = sums.tolist()
-        if not math.isfinite(total_loss):
-            raise TrainingError(f"the training loss became {total_loss} by step {st.step} (epoch {st.epoch + 1}); "
-                                f"the last good checkpoint is kept in {run.ckpt_dir}. Lower --lr, add "
-                                "--clip-grad-norm, or pass --skip-nonfinite")
+    def sync_loss() -> None:
+        total_loss, samples, bad = window.sync()
+        if bad is not None or not math.isfinite(total_loss):
+            step, epoch = bad or (st.step, st.epoch + 1)
+            raise TrainingError(f"the training loss became {'nan' if bad else total_loss} at step {step} "
+                                f"(epoch {epoch}); {run.last_good()}. Lower --lr, add --clip-grad-norm, or "
+                                "pass --skip-nonfinite")
         st.loss_sum += total_loss
-        st.loss_count += count
-        return total_loss / max(count, 1)
+        st.loss_count += samples
 
     while st.step < total and st.epoch < cfg.epochs:
-        run.sampler.set_epoch(st.epoch, start=st.batch_in_epoch * cfg.batch_size)
-        run.wrapped.train()
-        run.progress.start_epoch(st.epoch + 1, cfg.epochs, per_epoch, st.batch_in_epoch // cfg.grad_accum)
+        run.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+        trainer.wrapped.train()
+        run.report.start_epoch(st.epoch + 1, cfg.epochs, per_epoch, st.batch_in_epoch // cfg.grad_accum)
         batches_iter = iter(run.loader)
-        while st.batch_in_epoch < batches and st.step < total:
+        epoch_ended = False
+        while not epoch_ended and st.step < total:
             group = min(cfg.grad_accum, batches - st.batch_in_epoch)
-            for i in range(group):
-                x, y = next(batches_iter)
-                x = x.to(run.device, non_blocking=True)
-                y = y.to(run.device, non_blocking=True)
-                if cfg.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                last_micro = i == group - 1
-                no_sync = run.ddp.no_sync() if run.ddp is not None and not last_micro else contextlib.nullcontext()
-                with no_sync:
-                    with autocast(run.device, cfg.precision):
-                        out = run.wrapped(x)
-                    loss = lossf(out.float(), y if run.task == "classification" else y.view_as(out))
-                    scaled = loss / group
-                    (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-                window.append((loss.detach(), len(y)))
-            seen += group * len(y) * run.env.world_size
-            _optimizer_step(run, params)
+            micro = [next(batches_iter) for _ in range(group)]
+            if first_step:
+                losses, applied = _first_step(run, micro)
+            else:
+                losses, applied = trainer.step(micro)
+            window.add(losses, st.step + 1, st.epoch + 1)
+            seen += sum(n for _, n in losses) * run.world_size
             st.step += 1
             st.batch_in_epoch += group
-            run.progress.advance()
+            _count_skips(run, applied)
+            run.report.advance()
             if first_step:
-                run.files.event("first_step", step=st.step)
+                run.report.event("first_step", step=st.step)
                 first_step = False
             if st.step % cfg.log_every == 0:
-                loss_now = sync_loss()
+                sync_loss()
                 now = time.perf_counter()
-                lr = run.optimizer.param_groups[0]["lr"]
                 rate = (seen - seen_log) / max(now - t_log, 1e-9)
-                run.files.event("train", step=st.step, epoch=st.epoch + 1, samples=seen, loss=loss_now, lr=lr)
-                run.tracker.log({"train/loss": loss_now, "train/lr": lr, "train/samples_per_s": rate}, st.step)
-                run.progress.show(f"epoch {st.epoch + 1}/{cfg.epochs} step {st.step}/{total} "
-                                  f"loss {loss_now:.4f} lr {lr:.3g} {rate:.0f} samples/s")
+                run.report.train(st.step, st.epoch + 1, total, cfg.epochs, seen, _last_mean(st), trainer.lr, rate)
                 t_log, seen_log = now, seen
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
                 sync_loss()
-                path = save(run)
+                path = run.save(step_file=run.policy.step_file_due(st.step))
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
-                _requeue(run)
-                return "preempted"
-            if cfg.save_every and st.step % cfg.save_every == 0:
+                on_preempt()
+                return "preempted", last_row
+            epoch_ended = st.batch_in_epoch >= batches
+            if epoch_ended:
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):
+                comm.end_votes()
                 sync_loss()
-                save(run, step_file=True)
+                last_row, stop = _evaluate(run, t0)
+                if stop:
+                    return "early_stop", last_row
+            elif run.policy.step_file_due(st.step):
+                comm.end_votes()
+                sync_loss()
+                run.save(step_file=True)
         comm.end_votes()
-        if st.batch_in_epoch >= batches:
-            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        sync_loss()
-        train_loss = st.loss_sum / max(st.loss_count, 1)
-        if st.batch_in_epoch == 0:
-            st.loss_sum = st.loss_count = 0.0
-        results = run.evaluator(run.model)
-        improved, stop = _early_stopping(run, results, train_loss)
-        row = {"epoch": st.epoch if st.batch_in_epoch == 0 else st.epoch + 1, "step": st.step,
-               "train_loss": train_loss, **results, "lr": run.optimizer.param_groups[0]["lr"],
-               "seconds": round(time.perf_counter() - t0, 3)}
-        run.files.history_row(row)
-        run.files.event("eval", **row)
-        run.tracker.log({f"val/{k[4:]}" if k.startswith("val_") else k: v for k, v in row.items()}, st.step)
-        log.info("epoch %d/%d %s", row["epoch"], cfg.epochs, fmt({k: v for k, v in row.items() if k != "epoch"}))
-        save(run, best=improved, step_file=bool(cfg.save_every and st.step % cfg.save_every == 0))
-        if stop:
-            log.info("early stopping: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
-            return "early_stop"
-    return "done"
+    return "done", last_row
 
 
-def _optimizer_step(run: Run, params: list[torch.Tensor]) -> None:
-    cfg = run.cfg
-    if run.scaler:
-        run.scaler.unscale_(run.optimizer)
-    norm = None
-    if cfg.clip_grad_norm or cfg.skip_nonfinite:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or math.inf)
-    # Gradients are already all-reduced, so this check (a host sync, opted into) agrees on every rank.
-    if cfg.skip_nonfinite and not run.scaler and not torch.isfinite(norm).item():
-        log.warning("step %d: non-finite gradients, step skipped", run.state.step + 1)
-    elif run.scaler:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.scheduler is not None:
-        run.scheduler.step()
-
-
-def _early_stopping(run: Run, results: dict[str, float], train_loss: float) -> tuple[bool, bool]:
-    cfg, st = run.cfg, run.state
-    value = {"train_loss": train_loss, **results}[cfg.monitor]
-    better = st.best is None or (value < st.best if cfg.monitor_mode() == "min" else value > st.best)
-    if better:
-        st.best, st.bad_evals = value, 0
-    else:
-        st.bad_evals += 1
-    return better, bool(cfg.patience and st.bad_evals >= cfg.patience)
-
-
-def checkpoint_dict(run: Run, rngs: list[Any]) -> dict[str, Any]:
-    st = run.state
-    return {
-        "version": checkpoint.FORMAT_VERSION,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch,
-        "rng": rngs,
-        "best": st.best,
-        "early_stopping": {"monitor": run.cfg.monitor, "mode": run.cfg.monitor_mode(),
-                           "bad_evals": st.bad_evals, "patience": run.cfg.patience},
-        "train_loss": [st.loss_sum, st.loss_count],
-        "config": run.resolved,
-        "world_size": run.env.world_size,
-        "total_steps": run.total_steps,
-        "wandb_run_id": run.tracker.run_id,
-        "versions": {"ddp_train": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
-    }
-
-
-def save(run: Run, *, best: bool = False, step_file: bool = False) -> Path:
-    """Collective: every rank's RNG state goes to rank 0, which writes; all wait until it is durable."""
-    rngs = run.comm.gather_object(checkpoint.rng_state())
-    path = run.ckpt_dir / "last.pt"
-    if run.env.is_main:
-        checkpoint.write(checkpoint_dict(run, rngs), run.ckpt_dir, best=best, step_file=step_file,
-                         keep=run.cfg.keep)
-    run.comm.barrier()
-    return path
-
-
-def restore(run: Run, ckpt: dict[str, Any]) -> None:
-    """Everything but the model weights (loaded before wrapping) and the RNG (restored last)."""
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if run.scheduler is not None and ckpt.get("scheduler") is not None:
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-    if run.scaler and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    loss_sum, loss_count = ckpt.get("train_loss", [0.0, 0.0])
-    run.state = TrainState(epoch=ckpt["epoch"], step=ckpt["step"], batch_in_epoch=ckpt["batch_in_epoch"],
-                           best=ckpt.get("best"), bad_evals=ckpt.get("early_stopping", {}).get("bad_evals", 0),
-                           loss_sum=loss_sum, loss_count=loss_count)
-
-
-def _requeue(run: Run) -> None:
-    job = run.env.slurm_job_id
-    if not (run.cfg.requeue and job and run.env.is_main):
-        return
-    log.info("requeueing Slurm job %s", job)  # before: the requeue may end this job at once
+def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
+    """The first step runs the user's model and loss on real data for the first time: a failure
+    there is a mismatch between data and model, reported in one line naming what was loaded."""
     try:
-        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
-    except FileNotFoundError:
-        log.warning("--requeue: scontrol not found; requeue job %s by hand", job)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        log.warning("--requeue: scontrol requeue %s failed: %s", job,
-                    (getattr(e, "stderr", b"") or b"").decode().strip() or e)
+        return run.trainer.step(micro)
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
+        if run.comm.peer_failure() or any(s in str(e) for s in PEER_LOST):
+            raise
+        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})")
+        raise error from e
+
+
+def _count_skips(run: Loop, applied: bool) -> None:
+    st = run.state
+    if applied:
+        st.skipped = 0
+        return
+    st.skipped += 1
+    log.warning("step %d: non-finite gradients, step skipped (%d in a row)", st.step, st.skipped)
+    if st.skipped >= run.cfg.max_skipped:
+        raise TrainingError(f"{st.skipped} steps in a row had non-finite gradients (up to step {st.step}, epoch "
+                            f"{st.epoch + 1}): training diverged; {run.last_good()}. Lower --lr or add "
+                            "--clip-grad-norm (--max-skipped sets how many skips in a row are tolerated)")
+
+
+def _last_mean(st: TrainState) -> float:
+    return st.loss_sum / max(st.loss_count, 1)
+
+
+def _evaluate(run: Loop, t0: float) -> tuple[dict[str, Any], bool]:
+    """Evaluate, record, decide best and early stopping, checkpoint. Returns (row, stop)."""
+    st, cfg = run.state, run.cfg
+    train_loss = _last_mean(st)
+    st.loss_sum = st.loss_count = 0.0
+    results = run.evaluator(run.trainer.model)
+    if not math.isfinite(results["val_loss"]):
+        raise TrainingError(f"the validation loss became {results['val_loss']} at step {st.step} (epoch "
+                            f"{st.epoch}); {run.last_good()}. Lower --lr or add --clip-grad-norm")
+    improved, stop = run.policy.observe({"train_loss": train_loss, **results}, st.step)
+    done = st.step >= run.total_steps or st.epoch >= cfg.epochs
+    st.status = "early_stop" if stop else "done" if done else "running"
+    epoch = st.epoch if st.batch_in_epoch == 0 else st.epoch + 1
+    row = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **results, "lr": run.trainer.lr,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    run.report.evaluation(row, cfg.epochs)
+    run.save(best=improved, step_file=run.policy.step_file_due(st.step))
+    if stop:
+        log.info("early stopping: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
+    return row, stop

@@ -10,7 +10,7 @@ from typing import Callable
 from torch import nn
 
 from .errors import UsageError
-from .userfn import load_user_function
+from .userfn import load_user_function, user_code
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -54,15 +54,49 @@ def linear(input_shape: tuple[int, ...], num_outputs: int, **_) -> nn.Module:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int,
-                hidden: tuple[int, ...] = (128, 64)) -> nn.Module:
+                hidden: tuple[int, ...] = (128, 64), pretrained: bool = False) -> nn.Module:
+    if pretrained and (name in MODELS or ":" in name):
+        raise UsageError(f"--pretrained loads torchvision's weights; --model {name} has none (drop --pretrained)")
     if name in MODELS:
         return MODELS[name](input_shape, num_outputs, hidden=hidden)
     if ":" in name:
         return _user_model(name, input_shape, num_outputs)
+    if pretrained:
+        return _pretrained(name, input_shape, num_outputs)
     return _torchvision_model(name, input_shape, num_outputs)
 
 
+def _pretrained(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """torchvision's default weights, from the local torch hub cache; a new last layer when the
+    number of classes differs from the weights'."""
+    import torch
+    import torchvision.models as tvm
+
+    _check_torchvision(name, input_shape)
+    weights = tvm.get_model_weights(name).DEFAULT
+    cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+    try:
+        model = tvm.get_model(name, weights=weights)
+    except Exception as e:  # no network: urllib's URLError, or a half-downloaded file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--pretrained: {name}'s weights are not in the torch hub cache ({cache}) and could not "
+                         f"be downloaded ({first}); copy the file there (TORCH_HOME moves the cache), or drop "
+                         "--pretrained") from None
+    last_name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    if last.out_features != num_outputs:
+        parent = model.get_submodule(last_name.rpartition(".")[0]) if "." in last_name else model
+        setattr(parent, last_name.rpartition(".")[2], nn.Linear(last.in_features, num_outputs))
+    return model
+
+
 def _torchvision_model(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    _check_torchvision(name, input_shape)
+    return tvm.get_model(name, weights=None, num_classes=num_outputs)
+
+
+def _check_torchvision(name: str, input_shape: tuple[int, ...]) -> None:
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
@@ -71,7 +105,6 @@ def _torchvision_model(name: str, input_shape: tuple[int, ...], num_outputs: int
     if len(input_shape) != 3 or input_shape[0] != 3:
         raise UsageError(f"torchvision's {name} takes 3-channel images; this data is {input_shape}: "
                          "use --model cnn, or RGB data")
-    return tvm.get_model(name, weights=None, num_classes=num_outputs)
 
 
 def _user_model(spec: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -79,7 +112,8 @@ def _user_model(spec: str, input_shape: tuple[int, ...], num_outputs: int) -> nn
     offered = {"input_shape": input_shape, "num_outputs": num_outputs, "num_classes": num_outputs}
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    model = fn(**{k: v for k, v in offered.items() if takes_all or k in params})
+    with user_code("--model", spec, "building the model"):
+        model = fn(**{k: v for k, v in offered.items() if takes_all or k in params})
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {spec} must return a torch.nn.Module, got {type(model).__name__}")
     return model

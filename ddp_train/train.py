@@ -1,62 +1,44 @@
-"""One `fit`: config + environment -> process group -> data, model, resume -> loop -> teardown."""
+"""One `fit`, assembled: config + task + environment -> data, model, checkpoints -> the loop.
+
+Each part has one owner: `Trainer` (what changes the weights), the loaders and `Evaluator`,
+`Policy` (evaluation, best, early stopping), `Checkpointer` (saves), `Reporter` (output).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import random
 import re
-import sys
+import subprocess
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import checkpoint, loop
-from .config import RESUMABLE_CHANGES, FitConfig, dump_json, parse_shape
-from .data import build_data_rank0_first, check_sizes, eval_loader, train_loader
-from .dist import Comm, distributed
+from . import __version__, checkpoint
+from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name
+from .data import TensorData, check_sizes, eval_loader, rank0_first, train_loader
+from .dist import Comm
 from .distenv import DistEnv
-from .errors import EXIT_OK, EXIT_PREEMPTED, AgreedError, PeerFailure, UsageError
+from .errors import UsageError
 from .evaluation import Evaluator
-from .log import NullFiles, NullProgress, Progress, RunFiles, Tracker, WandbTracker, log, setup_logging
-from .models import build_model
+from .log import NullFiles, NullProgress, Progress, Reporter, RunFiles, Tracker, log, make_tracker
+from .loop import Loop, Trainer, TrainState, plan, train
 from .parallel import resolve_strategy, wrap
-from .preempt import PreemptFlag
+from .policy import Policy
+from .result import FitResult
+from .task import BuiltinTask, Task, check_settings, spec_of
+from .userfn import user_code
 
-OUR_FILES = ("config.json", "history.csv", "metrics.jsonl")
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def run_fit(cfg: FitConfig, env: DistEnv) -> int:
-    setup_logging(env.rank, cfg.log_all_ranks)
-    preempt = PreemptFlag(cfg.preempt_signal)
-    try:
-        with distributed(env, cfg.timeout) as comm:
-            try:
-                return _fit(cfg, env, comm, preempt)
-            except AgreedError as e:
-                # Print now, while SIGTERM only sets a flag: torchrun stops rank 0 as soon as
-                # another rank has exited with the same error.
-                if env.is_main:
-                    if cfg.debug:
-                        traceback.print_exc()
-                    print(f"error: {e}", file=sys.stderr, flush=True)
-                    e.reported = True
-                raise
-            except (RuntimeError, ConnectionError) as e:
-                peer = comm.peer_failure()
-                if peer:
-                    raise PeerFailure(peer) from e
-                if any(s in str(e) for s in PEER_LOST):
-                    raise PeerFailure("another rank died (its connection closed); its own log says why") from e
-                raise
-    finally:
-        preempt.restore()
+OUR_FILES = ("config.json", "history.csv", "metrics.jsonl", "history.png")
 
 
-def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
+def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> FitResult:
     device = torch.device(env.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -68,23 +50,28 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     strategy = resolve_strategy(cfg.strategy, env)
     _seed(cfg.seed)
+    origin = f"--task {cfg.task}" if cfg.task else "--model/--data"
 
-    bundle = build_data_rank0_first(cfg, comm)
-    check_sizes(bundle, env.world_size)
-    model_name = cfg.model or bundle.default_model
-    resolved = cfg.replace(model=model_name)
-    _check_monitor(cfg, bundle.task)
-    if cfg.data_on_device and device.type == "cuda":
-        bundle.train, bundle.val = bundle.train.to(device), bundle.val.to(device)
+    splits = rank0_first(lambda: _data(task, cfg), cfg.download, comm)
+    check_sizes(splits, env.world_size)
+    if isinstance(task, BuiltinTask):
+        cfg = cfg.replace(model=task.model_name)
+        if ":" in task.model_name:
+            origin = f"--model {task.model_name}"
 
-    samples_per_rank = -(-len(bundle.train) // env.world_size)  # what DistributedSampler gives each rank
-    per_epoch, total = loop.plan(cfg, -(-samples_per_rank // cfg.batch_size))
-    run_dir, ckpt_path = comm.rank0(_prepare_run_dir, resolved, env)
+    train_set = splits["train"]
+    loader, sampler = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers,
+                                   device.type == "cuda")
+    per_epoch, total = plan(cfg, sampler.num_batches)
+    run_dir, ckpt_path = comm.rank0(prepare_run_dir, cfg, env)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:  # before any weights load: name the differing settings, not tensor shapes
-        _check_compatible(ckpt, resolved, env, ckpt_path, total)
+        _check_compatible(ckpt, cfg, env, ckpt_path, total)
 
-    model = build_model(model_name, bundle.input_shape, bundle.num_outputs, parse_shape(cfg.hidden, "--hidden"))
+    with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
+        model = task.model(cfg)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{origin.split('/')[0]} must build a torch.nn.Module, got {type(model).__name__}")
     if cfg.init_from and ckpt is None:
         _init_from(model, cfg)
     if ckpt is not None:
@@ -93,60 +80,83 @@ def _fit(cfg: FitConfig, env: DistEnv, comm: Comm, preempt: PreemptFlag) -> int:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     wrapped = wrap(model, strategy, env, cfg.compile)
-    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else getattr(wrapped, "_orig_mod", None)
-    ddp = ddp if isinstance(ddp, torch.nn.parallel.DistributedDataParallel) else None
     optimizer = _optimizer(cfg, model)
-    loader = train_loader(bundle.train, cfg, env.rank, env.world_size, device.type == "cuda")
-    sampler = getattr(loader.sampler, "sampler", loader.sampler)  # under the BatchSampler, if any
     scheduler = _scheduler(cfg, optimizer, per_epoch, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    evaluator = Evaluator(eval_loader(bundle.val, cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
-                                      env.world_size, cfg.workers, device.type == "cuda"),
-                          bundle.task, bundle.num_outputs, device, comm, cfg.precision)
+    if cfg.data_on_device and device.type == "cuda":
+        splits = {k: v.to(device) if isinstance(v, TensorData) else v for k, v in splits.items()}
+    val_loader, chunks = eval_loader(splits["val"], cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
+                                     env.world_size, cfg.workers, device.type == "cuda")
+    with user_code(origin.split("/")[0], cfg.task, "building its metrics"):
+        evaluator = Evaluator(task, val_loader, chunks, device, comm, cfg.precision, cfg.channels_last)
+    _check_monitor(cfg, evaluator.names)
 
     main = env.is_main
-    files = RunFiles(run_dir) if main else NullFiles()
     extra = {"world_size": env.world_size, "launcher": env.launcher, "backend": env.backend,
              "device": env.device, "strategy": strategy, "run_dir": str(run_dir)}
+    files = RunFiles(run_dir) if main else NullFiles()
     if main:
-        dump_json(resolved, extra, run_dir / "config.json")
-    tracker: Tracker = Tracker()
+        dump_json(cfg, extra, run_dir / "config.json")
+    tracker = Tracker()
     if main and cfg.wandb:
-        tracker = WandbTracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
-                               {**resolved.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
-    progress = Progress(cfg.progress) if main else NullProgress()
-    run = loop.Run(cfg=cfg, env=env, comm=comm, model=model, wrapped=wrapped, ddp=ddp, optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, loader=loader, sampler=sampler, evaluator=evaluator,
-                   task=bundle.task, device=device, ckpt_dir=run_dir / "checkpoints", total_steps=total, files=files,
-                   tracker=tracker, progress=progress, preempt=preempt, resolved=resolved.to_dict())
+        tracker = make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
+                               {**cfg.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
+    report = Reporter(files, tracker, Progress(cfg.progress) if main else NullProgress())
+    trainer = Trainer(task, model, wrapped, optimizer, scheduler, scaler, cfg, device)
+    policy, state = Policy(cfg), TrainState()
+
+    def state_dict(rngs: list[Any] | None) -> dict[str, Any]:
+        return _checkpoint_dict(trainer, state, policy, cfg, env, total, tracker, rngs)
+
+    saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict)
+    loop = Loop(cfg=cfg, comm=comm, trainer=trainer, loader=loader, sampler=sampler, evaluator=evaluator,
+                policy=policy, save=saver.save, last_good=saver.describe_last, report=report, preempt=preempt,
+                total_steps=total, world_size=env.world_size, origin=origin, state=state)
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
              env.launcher, env.world_size, env.backend, env.device, strategy, run_dir)
     if ckpt is not None:
-        loop.restore(run, ckpt)
-        files.truncate_after(run.state.step)
+        _restore(trainer, state, policy, ckpt)
+        saver.last = (Path(ckpt_path), state.step)
+        files.truncate_after(state.step)
         checkpoint.set_rng_state(ckpt["rng"][env.rank])
-        log.info("resumed from %s: epoch %d, step %d, batch %d", ckpt_path, ckpt["epoch"], ckpt["step"],
-                 ckpt["batch_in_epoch"])
-        if run.state.step >= total or run.state.epoch >= cfg.epochs:
-            log.info("nothing to do: the run in %s already finished (step %d of %d); raise --epochs or "
-                     "--max-steps to train longer, or pass another --run-dir", run_dir, run.state.step, total)
-            files.close()
-            return EXIT_OK
+        log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
+                 state.epoch + (state.batch_in_epoch > 0), state.step, state.batch_in_epoch // cfg.grad_accum,
+                 per_epoch)
+        if state.status != "running" or state.step >= total or state.epoch >= cfg.epochs:
+            why = "stopped early" if state.status == "early_stop" else "finished"
+            log.info("nothing to do: the run in %s already %s (step %d of %d); raise --epochs or --max-steps "
+                     "to train longer, or pass another --run-dir for a new run", run_dir, why, state.step, total)
+            report.close(state.step, 0)
+            return _result("nothing_to_do", state, run_dir, {}, policy, saver)
     started = time.perf_counter()
     code = 1
     try:
-        outcome = loop.fit(run)
-        code = EXIT_PREEMPTED if outcome == "preempted" else EXIT_OK
+        outcome, last_row = train(loop, lambda: _requeue(cfg, env))
+        code = 3 if outcome == "preempted" else 0
     finally:
-        progress.close()
-        files.event("end", step=run.state.step, exit_code=code)
-        files.close()
-        tracker.finish(code)
+        report.close(state.step, code)
     if outcome != "preempted":
-        best = f"{run.state.best:.4g}" if run.state.best is not None else "n/a"
-        log.info("done: %d steps in %.1fs; best %s %s; run dir %s", run.state.step,
-                 time.perf_counter() - started, cfg.monitor, best, run_dir)
-    return code
+        best = f"{policy.best:.4g}" if policy.best is not None else "n/a"
+        log.info("done: %d steps in %.1fs; best %s %s; run dir %s", state.step, time.perf_counter() - started,
+                 cfg.monitor, best, run_dir)
+    return _result(outcome, state, run_dir, last_row, policy, saver)
+
+
+def _result(status: str, state: TrainState, run_dir: Path, row: dict[str, Any], policy: Policy,
+            saver: checkpoint.Checkpointer) -> FitResult:
+    best = {policy.monitor: policy.best, "step": policy.best_step} if policy.best is not None else {}
+    return FitResult(status=status, step=state.step, epoch=state.epoch, run_dir=str(run_dir), metrics=row,
+                     best=best, checkpoint=str(saver.last[0]) if saver.last else None)
+
+
+def _data(task: Task, cfg: FitConfig) -> dict[str, Any]:
+    option = "--task" if cfg.task else "--data"
+    with user_code(option, cfg.task or (cfg.data if ":" in cfg.data else None), "loading the data"):
+        splits = task.data(cfg)
+    if not isinstance(splits, dict) or not {"train", "val"} <= splits.keys():
+        raise UsageError(f"{option} {cfg.task or cfg.data}: data(cfg) must return a dict with 'train' and 'val' "
+                         f"data sets (and optionally 'test'); got {type(splits).__name__}")
+    return splits
 
 
 def _seed(seed: int) -> None:
@@ -159,21 +169,24 @@ def _seed(seed: int) -> None:
         pass
 
 
-def _check_monitor(cfg: FitConfig, task: str) -> None:
-    names = ["train_loss", "val_loss"] + (["val_acc", "val_f1"] if task == "classification"
-                                          else ["val_mse", "val_mae", "val_r2"])
+def _check_monitor(cfg: FitConfig, names: list[str]) -> None:
+    names = ["train_loss"] + names
     if cfg.monitor not in names:
-        raise UsageError(f"--monitor {cfg.monitor} is not a metric of this {task} run; choose one of "
-                         f"{', '.join(names)}")
+        raise UsageError(f"--monitor {cfg.monitor} is not a metric of this run; choose one of {', '.join(names)}")
 
 
-def _prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
+def default_run_dir(cfg: FitConfig) -> Path:
+    """runs/<data>-<model>-<hash of the settings that shape training>: the identical command finds
+    its own run again (and resumes it); other settings get another directory."""
+    shaping = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = cfg.task.rpartition(":")[2] if cfg.task else f"{cfg.data}-{cfg.model or 'default'}"
+    return Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
+
+
+def prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
     """Rank 0: choose and create the run directory and pick the checkpoint to resume, if any."""
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-    else:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.data}-{cfg.model}")
-        run_dir = Path("runs") / f"{slug}-{env.run_id or time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     ckpt_dir = run_dir / "checkpoints"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +218,7 @@ def _prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
 
 def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path, total: int) -> None:
     saved = ckpt.get("config", {})
-    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+    diffs = [f"{option_name(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
              if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if ckpt.get("world_size", env.world_size) != env.world_size:
         diffs.append(f"world size {ckpt['world_size']} -> {env.world_size}")
@@ -218,18 +231,13 @@ def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: 
                          "--init-from takes its weights only)")
 
 
-def _init_from(model: torch.nn.Module, cfg: FitConfig) -> None:
-    state = checkpoint.load(cfg.init_from)
-    if isinstance(state, dict) and "model" in state and "version" in state:
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise UsageError(f"--init-from {cfg.init_from} holds no state dict")
-    checkpoint.load_weights(model, checkpoint.strip_prefixes(state), f"--init-from {cfg.init_from}",
-                            strict=cfg.init_strict)
+def _init_from(model: nn.Module, cfg: FitConfig) -> None:
+    state, _ = checkpoint.read(cfg.init_from, "pass another --init-from")
+    checkpoint.load_weights(model, state, f"--init-from {cfg.init_from}", strict=cfg.init_strict)
     log.info("initialised weights from %s", cfg.init_from)
 
 
-def _optimizer(cfg: FitConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _optimizer(cfg: FitConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
@@ -246,10 +254,72 @@ def _optimizer(cfg: FitConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, per_epoch: int, total: int) -> Any:
     sched = torch.optim.lr_scheduler
+    warmup = min(cfg.warmup_steps, total)
+    if warmup and cfg.scheduler == "onecycle":
+        raise UsageError("--scheduler onecycle has its own warm-up; drop --warmup-steps (or use cosine)")
+    main = None
     if cfg.scheduler == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=total)
-    if cfg.scheduler == "step":
-        return sched.StepLR(optimizer, step_size=cfg.lr_step_epochs * per_epoch, gamma=cfg.lr_gamma)
-    if cfg.scheduler == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    return None
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+    elif cfg.scheduler == "step":
+        main = sched.StepLR(optimizer, step_size=cfg.lr_step_epochs * per_epoch, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "onecycle":
+        main = sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if not warmup:
+        return main
+    ramp = sched.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    return ramp if main is None else sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, cfg: FitConfig, env: DistEnv,
+                     total: int, tracker: Tracker, rngs: list[Any] | None) -> dict[str, Any]:
+    return {
+        "version": checkpoint.FORMAT_VERSION,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch, "status": st.status,
+        "rng": rngs,
+        "best": policy.best,
+        "early_stopping": policy.state_dict(),
+        "train_loss": [st.loss_sum, st.loss_count],
+        "config": cfg.to_dict(),
+        "world_size": env.world_size,
+        "total_steps": total,
+        "wandb_run_id": tracker.run_id,
+        "versions": {"ddp_train": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
+    }
+
+
+def _restore(trainer: Trainer, st: TrainState, policy: Policy, ckpt: dict[str, Any]) -> None:
+    """Everything but the model weights (loaded before wrapping) and the RNG (restored last)."""
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.scheduler is not None and ckpt.get("scheduler") is not None:
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if trainer.scaler and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    st.loss_sum, st.loss_count = ckpt.get("train_loss", [0.0, 0.0])
+    st.epoch, st.step, st.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+    st.status = ckpt.get("status", "running")
+    policy.load_state_dict(ckpt.get("best"), ckpt.get("early_stopping", {}))
+
+
+def _requeue(cfg: FitConfig, env: DistEnv) -> None:
+    job = env.slurm_job_id
+    if not (cfg.requeue and job and env.is_main):
+        return
+    log.info("requeueing Slurm job %s", job)  # before: the requeue may end this job at once
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
+    except FileNotFoundError:
+        log.warning("--requeue: scontrol not found; requeue job %s by hand", job)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        log.warning("--requeue: scontrol requeue %s failed: %s", job,
+                    (getattr(e, "stderr", b"") or b"").decode().strip() or e)
+
+
+def describe_task(task: Task, cfg: FitConfig) -> FitConfig:
+    """The configuration with the task's class and settings recorded (for the user's own Task)."""
+    if isinstance(task, BuiltinTask):
+        return cfg
+    return cfg.replace(task=spec_of(task), task_args=check_settings(task) or None)

@@ -1,60 +1,54 @@
-"""What evaluate and predict share: a checkpoint (or bare state dict) -> config, split, model,
-and an exact evaluator inside the job's process group. Imports torch: load it from command bodies."""
+"""What evaluate and predict share: a checkpoint (or bare state dict) -> config, task, split, model,
+and an exact evaluator inside the job's process group, all built through fit's own paths.
+Imports torch: load it from command bodies."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.torch_version import TorchVersion
 
 from .. import checkpoint
-from ..config import build_config, config_from_dict, parse_shape
-from ..data import build_data_rank0_first, eval_loader
+from ..config import build_config, config_from_dict
+from ..data import eval_loader, rank0_first
 from ..dist import Comm, distributed
 from ..distenv import DistEnv
 from ..errors import UsageError
 from ..evaluation import Evaluator
-from ..models import build_model
+from ..task import BuiltinTask, Task, from_config
+from ..train import _data
+from ..userfn import user_code
 
 
 @dataclass
 class Loaded:
     cfg: Any  # FitConfig
+    task: Task
     model: torch.nn.Module
     dataset: Any
-    task: str
-    num_outputs: int
     source: str  # "checkpoint (epoch E, step S)" or "state dict"
 
+    @property
+    def kind(self) -> str | None:
+        """classification / regression for built-in tasks; None (raw outputs) for the user's own."""
+        return self.task.bundle.kind if isinstance(self.task, BuiltinTask) else None
 
-def read_weights(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(bare state dict, full checkpoint or None). Early checkpoints stored torch.__version__ as a
-    TorchVersion (a str subclass) that weights_only refuses: allow just that class."""
-    if not Path(path).is_file():
-        raise UsageError(f"--checkpoint {path} does not exist (checkpoints live in RUN_DIR/checkpoints/)")
-    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    with allow([TorchVersion]) if allow else contextlib.nullcontext():
-        raw = checkpoint.load(path)
-    if isinstance(raw, dict) and "version" in raw and "model" in raw:
-        if raw["version"] > checkpoint.FORMAT_VERSION:
-            raise UsageError(f"{path} has checkpoint format {raw['version']}, newer than this ddp_train "
-                             f"reads ({checkpoint.FORMAT_VERSION}); upgrade ddp_train")
-        return raw["model"], raw
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise UsageError(f"{path} is neither a ddp_train checkpoint nor a state dict of tensors; save one "
-                         "with torch.save(model.state_dict(), path)")
-    return checkpoint.strip_prefixes(raw), None
+    @property
+    def classes(self) -> list[str] | None:
+        return self.task.bundle.classes if isinstance(self.task, BuiltinTask) else None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.task or self.cfg.data
 
 
 def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str | None,
          model: str | None, config: str | None) -> Loaded:
     """Every rank loads the same file and builds the same split and model (rank 0 downloads first)."""
-    state, ckpt = read_weights(path)
+    state, ckpt = checkpoint.read(path, "evaluate another checkpoint (RUN_DIR/checkpoints/step-*.pt)")
     overrides = {"data": data, "data_dir": data_dir, "model": model}
     if ckpt is not None and isinstance(ckpt.get("config"), dict):
         cfg = config_from_dict(ckpt["config"]).replace(**{k: v for k, v in overrides.items() if v})
@@ -64,14 +58,16 @@ def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str |
             raise UsageError(f"{path} is a bare state dict: say what it was trained on with --data "
                              "and --model (or --config run.toml)")
         cfg, source = build_config(overrides, config), "state dict"
-    bundle = build_data_rank0_first(cfg, comm)
-    dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
-    if dataset is None:
-        raise UsageError(f"data set {cfg.data} has no test split; use --split val")
-    name = cfg.model or bundle.default_model
-    net = build_model(name, bundle.input_shape, bundle.num_outputs, parse_shape(cfg.hidden, "--hidden"))
+    task = from_config(cfg)
+    splits = rank0_first(lambda: _data(task, cfg), cfg.download, comm)
+    if splits.get(split) is None:
+        raise UsageError(f"data set {cfg.task or cfg.data} has no {split} split; use --split val")
+    if isinstance(task, BuiltinTask):
+        cfg = cfg.replace(model=task.model_name)
+    with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
+        net = task.model(cfg)
     checkpoint.load_weights(net, state, path)
-    return Loaded(cfg.replace(model=name), net, dataset, bundle.task, bundle.num_outputs, source)
+    return Loaded(cfg, task, net, splits[split], source)
 
 
 @contextlib.contextmanager
@@ -91,9 +87,9 @@ def evaluator(loaded: Loaded, batch_size: int | None, env: DistEnv, comm: Comm,
     cfg = loaded.cfg
     size = batch_size or cfg.eval_batch_size or 4 * cfg.batch_size
     precision = "32" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
-    loader = eval_loader(loaded.dataset, size, env.rank, env.world_size, cfg.workers, device.type == "cuda")
+    loader, chunks = eval_loader(loaded.dataset, size, env.rank, env.world_size, cfg.workers, device.type == "cuda")
     loaded.model.to(device)
-    return Evaluator(loader, loaded.task, loaded.num_outputs, device, comm, precision)
+    return Evaluator(loaded.task, loader, chunks, device, comm, precision)
 
 
 def renamed(results: dict[str, float], split: str) -> dict[str, float]:

@@ -58,7 +58,7 @@ def evaluate(
                                    split.value)
     if not env.is_main:
         return
-    report = {"checkpoint": checkpoint, "source": loaded.source, "data": loaded.cfg.data,
+    report = {"checkpoint": checkpoint, "source": loaded.source, "data": loaded.name,
               "split": split.value, "samples": len(loaded.dataset), "model": loaded.cfg.model,
               "world_size": env.world_size, "device": env.device, "metrics": results}
     if as_json:
@@ -66,8 +66,8 @@ def evaluate(
         return
     typer.echo(f"{checkpoint}: {loaded.source}")
     procs = f"{env.world_size} process{'es' if env.world_size > 1 else ''}"
-    typer.echo(f"{loaded.cfg.data} {split.value} split, {len(loaded.dataset)} samples, model "
-               f"{loaded.cfg.model}, {procs} on {env.device}\n")
+    model = f", model {loaded.cfg.model}" if loaded.cfg.model else ""
+    typer.echo(f"{loaded.name} {split.value} split, {len(loaded.dataset)} samples{model}, {procs} on {env.device}\n")
     width = max(len(k) for k in results)
     typer.echo(f"{'metric':<{width}}  value")
     for name, value in results.items():

@@ -56,7 +56,7 @@ def predict(
         results = _loading.evaluator(loaded, batch_size, env, comm, device)(loaded.model, outputs=pieces)
         gathered = comm.gather_object(pieces)
         outputs = in_order(gathered) if env.is_main else None
-        comm.rank0(write, path, outputs, loaded.task, top_k)
+        comm.rank0(write, path, outputs, loaded.kind, top_k, loaded.classes)
     if env.is_main:
         figures = " ".join(f"{k} {v:.4g}" for k, v in _loading.renamed(results, split.value).items())
         typer.echo(f"wrote {len(outputs)} predictions of the {split.value} split to {path} ({figures})", err=True)
@@ -79,7 +79,7 @@ def in_order(per_rank: list[list[tuple[int, Any]]]) -> Any:
     return torch.cat([out for _, out in pieces])
 
 
-def write(path: Path, outputs: Any, task: str, top_k: int) -> None:
+def write(path: Path, outputs: Any, kind: str | None, top_k: int, classes: list[str] | None = None) -> None:
     """Rank 0: write to a temporary file, then rename, so no reader sees half a file."""
     import torch
 
@@ -87,7 +87,7 @@ def write(path: Path, outputs: Any, task: str, top_k: int) -> None:
     if path.suffix == ".pt":
         torch.save({"index": torch.arange(len(outputs)), "outputs": outputs}, tmp)
     else:
-        header, rows = csv_rows(outputs, task, top_k)
+        header, rows = csv_rows(outputs, kind, top_k, classes)
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
@@ -95,12 +95,16 @@ def write(path: Path, outputs: Any, task: str, top_k: int) -> None:
     os.replace(tmp, path)
 
 
-def csv_rows(outputs: Any, task: str, top_k: int) -> tuple[list[str], list[list]]:
-    if task == "classification":
+def csv_rows(outputs: Any, kind: str | None, top_k: int,
+             names: list[str] | None = None) -> tuple[list[str], list[list]]:
+    """Classification: top-k classes (by name where the data set has names) with probabilities;
+    otherwise the raw values."""
+    if kind == "classification":
         k = min(top_k, outputs.shape[1])
         probs, classes = outputs.softmax(dim=1).topk(k, dim=1)
+        label = (lambda c: names[c]) if names else (lambda c: c)
         header = ["index", "predicted"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "prob")]
-        rows = [[i, cs[0]] + [v for pair in zip(cs, (f"{p:.6f}" for p in ps)) for v in pair]
+        rows = [[i, label(cs[0])] + [v for pair in zip(map(label, cs), (f"{p:.6f}" for p in ps)) for v in pair]
                 for i, (cs, ps) in enumerate(zip(classes.tolist(), probs.tolist()))]
         return header, rows
     values = outputs.reshape(len(outputs), -1)

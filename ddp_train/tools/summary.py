@@ -37,11 +37,17 @@ def summary(
     import torch
 
     from ..config import parse_shape
+    from ..errors import UsageError
     from ..models import build_model
 
     shape = parse_shape(input_shape, "--input-shape")
     net = build_model(model, shape, classes, parse_shape(hidden, "--hidden"))
-    rows = layer_rows(net, torch.randn(batch_size, *shape))
+    try:
+        rows = layer_rows(net, torch.randn(batch_size, *shape))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UsageError(f"--model {model} does not take input of shape {shape} ({first}); pass the shape "
+                         "of one sample the model was built for with --input-shape") from None
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     typer.echo(render(rows, total, trainable, batch_size * _numel(shape), _bytes_per(net)))

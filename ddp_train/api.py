@@ -1,0 +1,88 @@
+"""`fit()`: the engine's one entry point, for the command line and for the user's own scripts.
+
+    from ddp_train import Task, fit
+    result = fit(MyTask(), epochs=3, batch_size=32, run_dir="runs/x")
+
+Works under `python`, `torchrun` and srun alike: the launch is read from the environment. Bad input
+raises ddp_train.UsageError (the one line the command line prints); a preempted run returns with
+status "preempted" once its checkpoint is durable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import sys
+import traceback
+
+from .config import FitConfig, build_config
+from .errors import PEER_LOST, AgreedError, PeerFailure
+from .result import FitResult
+from .task import Task
+
+
+def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str | None = None,
+        **options: Any) -> FitResult:
+    """Train `task` (default: the built-in task of --data/--model) with `options`, which take the
+    names of `ddp-train fit`'s options (epochs=3, batch_size=32, ...), or a whole FitConfig as `cfg`.
+    `config` names a TOML file of options, as --config does."""
+    import torch
+
+    from . import train
+    from .dist import distributed
+    from .distenv import DistEnv
+    from .log import setup_logging
+    from .preempt import PreemptFlag
+    from .task import from_config
+
+    if cfg is None:
+        cfg = build_config(options, config)
+    elif options or config:
+        cfg = build_config({**cfg.to_dict(), **options}, config)
+    if task is not None and not isinstance(task, Task):
+        raise TypeError(f"fit() takes a ddp_train.Task, got {type(task).__name__}")
+    if task is None:
+        task = from_config(cfg)
+    else:
+        cfg = train.describe_task(task, cfg)
+    env = DistEnv.from_environ(os.environ, cuda_devices=torch.cuda.device_count(), backend=cfg.backend)
+    setup_logging(env.rank, cfg.log_all_ranks)
+    preempt = PreemptFlag(cfg.preempt_signal) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with distributed(env, cfg.timeout) as comm:
+            try:
+                return train.run(cfg, task, env, comm, preempt or _NoSignals())
+            except AgreedError as e:
+                # Print now, while SIGTERM only sets a flag: torchrun stops rank 0 as soon as
+                # another rank has exited with the same error.
+                if env.is_main:
+                    _report(e, cfg.debug)
+                raise
+            except (RuntimeError, ConnectionError) as e:
+                peer = comm.peer_failure()
+                if peer:
+                    raise PeerFailure(peer) from e
+                if any(s in str(e) for s in PEER_LOST):
+                    raise PeerFailure("another rank died (its connection closed); its own log says why") from e
+                raise
+    finally:
+        if preempt is not None:
+            preempt.restore()
+
+
+def _report(e: AgreedError, debug: bool) -> None:
+    """Rank 0: the user's frames (for errors in their code; all frames with --debug), then one line."""
+    if debug:
+        traceback.print_exc()
+    elif getattr(e, "details", ""):
+        print(e.details, end="", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    e.reported = True
+
+
+class _NoSignals:
+    """fit() outside the main thread cannot install signal handlers: no preemption flag."""
+
+    requested = None

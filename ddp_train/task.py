@@ -1,0 +1,178 @@
+"""The Task: the user's training job in five methods, and the built-in tasks behind --data/--model.
+
+Everything distributed stays outside the Task: samplers, wrapping, syncing, checkpoints and
+signals. A Task never sees a rank, a process group or a DDP wrapper. Its settings are its
+constructor's keyword arguments: recorded in config.json and checked on resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FitConfig, parse_shape
+from .errors import UsageError
+from .userfn import load_user_object, user_code
+
+
+class Task:
+    """Subclass it and override what your job does differently:
+
+    - `data(cfg)` -> {"train": ds, "val": ds} (optionally "test"): map-style data sets whose samples
+      are tensors, or tuples/lists/dicts of them;
+    - `model(cfg)` -> the bare nn.Module;
+    - `loss(model, batch)` -> scalar tensor, the mean over the batch's samples
+      (default: `criterion(*eval_step(model, batch))`);
+    - `metrics()` -> {name: torchmetrics.Metric}, reported as val_<name> (default: none);
+    - `eval_step(model, batch)` -> (outputs, targets) that feed the metrics (default: for a batch
+      (x, y), `model(x), y`);
+    - `criterion(outputs, targets)` -> the mean loss (default: cross-entropy for integer targets,
+      else mean squared error); defining it lets evaluation get loss and metrics from one forward;
+    - `blocks(model)` -> the modules to shard one by one under --strategy fsdp (default: the
+      model's top-level children that hold parameters).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Task":
+        self = super().__new__(cls)
+        settings: dict[str, Any] = {}
+        if cls.__init__ is not object.__init__:
+            signature = inspect.signature(cls.__init__)
+            try:
+                bound = signature.bind(None, *args, **kwargs)
+            except TypeError:  # __init__ itself will raise the clear error
+                bound = None
+            if bound:
+                bound.apply_defaults()
+            for name, value in list(bound.arguments.items())[1:] if bound else []:
+                kind = signature.parameters[name].kind
+                settings.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        self._settings = settings
+        return self
+
+    def data(self, cfg: FitConfig) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__}.data(cfg) must return {{'train': ds, 'val': ds}}")
+
+    def model(self, cfg: FitConfig) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__}.model(cfg) must return an nn.Module")
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.criterion(*self.eval_step(model, batch))
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def eval_step(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+            raise UsageError(f"{type(self).__name__}: batches are not (input, target) pairs; define the "
+                             "Task's loss(model, batch) and eval_step(model, batch) for them")
+        x, y = batch
+        return model(x), y
+
+    def criterion(self, outputs: Any, targets: Any) -> torch.Tensor:
+        if not isinstance(outputs, torch.Tensor):
+            raise UsageError(f"{type(self).__name__}: the model returns a {type(outputs).__name__}, not a "
+                             "tensor of outputs; define the Task's loss(model, batch) (and eval_step)")
+        if not targets.is_floating_point():
+            return nn.functional.cross_entropy(outputs.float(), targets)
+        return nn.functional.mse_loss(outputs.float(), targets.view_as(outputs).float())
+
+    def blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        return None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments: what config.json records as task_args."""
+        return dict(getattr(self, "_settings", {}))
+
+
+def overrides(task: Task, method: str) -> bool:
+    return getattr(type(task), method) is not getattr(Task, method)
+
+
+def spec_of(task: Task) -> str:
+    """Where the task's class lives, so the tools (and a resume) can build it again."""
+    cls = type(task)
+    module = cls.__module__
+    if module == "__main__" or module.startswith("ddp_train_user_"):
+        path = getattr(sys.modules.get(module), "__file__", None)
+        if path:
+            return f"{os.path.relpath(path)}:{cls.__qualname__}"
+    return f"{module}:{cls.__qualname__}"
+
+
+def check_settings(task: Task) -> dict[str, Any]:
+    settings = task.settings
+    for name, value in settings.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise UsageError(f"{type(task).__name__}({name}=...): task settings must be plain values (str, int, "
+                             f"float, bool, lists and dicts of them) to be saved in config.json; got "
+                             f"{type(value).__name__}") from None
+    return settings
+
+
+def from_config(cfg: FitConfig) -> Task:
+    """The Task a configuration names: the user's --task with its --task-arg settings, or the built-in one."""
+    if not cfg.task:
+        return BuiltinTask(cfg)
+    cls = load_user_object(cfg.task, "--task")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise UsageError(f"--task {cfg.task} must name a subclass of ddp_train.Task")
+    with user_code("--task", cfg.task, "constructing it"):
+        return cls(**(cfg.task_args or {}))
+
+
+class BuiltinTask(Task):
+    """--data and --model: the registries' data sets and models, cross-entropy or MSE, exact
+    built-in statistics, and torchmetrics metrics named by --metrics."""
+
+    def __init__(self, cfg: FitConfig):
+        self.cfg = cfg
+        self.bundle: Any = None
+
+    def data(self, cfg: FitConfig) -> dict[str, Any]:
+        from .data import build_data
+
+        self.bundle = build_data(cfg)
+        splits = {"train": self.bundle.train, "val": self.bundle.val}
+        if self.bundle.test is not None:
+            splits["test"] = self.bundle.test
+        return splits
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model or self.bundle.default_model
+
+    def model(self, cfg: FitConfig) -> nn.Module:
+        from .models import build_model
+
+        b = self.bundle
+        return build_model(self.model_name, b.input_shape, b.num_outputs, parse_shape(cfg.hidden, "--hidden"),
+                           pretrained=cfg.pretrained)
+
+    def criterion(self, outputs: Any, targets: Any) -> torch.Tensor:
+        from .data import CLASSIFICATION
+
+        if self.bundle.kind == CLASSIFICATION:
+            return nn.functional.cross_entropy(outputs.float(), targets, label_smoothing=self.cfg.label_smoothing)
+        return nn.functional.mse_loss(outputs.float(), targets.view_as(outputs).float())
+
+    def metrics(self) -> dict[str, Any]:
+        from .metrics import named_metrics
+
+        return named_metrics(self.cfg.metrics, self.bundle.kind, self.bundle.num_outputs) if self.cfg.metrics else {}
+
+    def statistics(self, num_chunks: int, device: torch.device) -> Any:
+        """The exact built-in statistics, all-reduced with the loss."""
+        from .data import CLASSIFICATION
+        from .metrics import ClassificationStats, RegressionStats
+
+        cls = ClassificationStats if self.bundle.kind == CLASSIFICATION else RegressionStats
+        return cls(self.bundle.num_outputs, num_chunks, device)

@@ -4,6 +4,7 @@ test cluster counts the real cores, packaging metadata, grouped `fit --help`, `-
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,13 @@ def test_launch_scripts_without_torchrun_say_make_fit(tmp_path, script, variable
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "torchrun not found" in lines[0] and "make fit" in lines[0], proc.stderr
+
+
+def test_slurm_cluster_nodes_get_every_core_even_with_omp_num_threads_1():
+    """slurm.conf's CPUs= comes from host_cpus: OMP_NUM_THREADS=1 (what the tests export) must not make it 1."""
+    script = ROOT / "ci" / "slurm-cluster.sh"
+    assert "cpus=$(host_cpus)" in script.read_text()
+    proc = subprocess.run(["bash", "-c", f"source {script} && host_cpus"], capture_output=True, text=True,
+                          timeout=30, env=base_env(OMP_THREAD_LIMIT="1"))  # OMP_NUM_THREADS=1 too
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(os.sched_getaffinity(0))

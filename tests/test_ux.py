@@ -81,3 +81,19 @@ def test_slurm_cluster_nodes_get_every_core_even_with_omp_num_threads_1():
                           timeout=30, env=base_env(OMP_THREAD_LIMIT="1"))  # OMP_NUM_THREADS=1 too
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == len(os.sched_getaffinity(0))
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
+    """setuptools reads pyproject.toml without a warning (a license table is deprecated since 77)."""
+    pytest.importorskip("setuptools", minversion="77")  # what pyproject.toml's build-system requires
+    for name in ("pyproject.toml", "README.md", "ddp_train/__init__.py"):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / "src" / name)
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code, str(tmp_path)], cwd=tmp_path / "src",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stdout + proc.stderr, proc.stderr
+    metadata = (tmp_path / proc.stdout.split()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata and "Version: 0.1.0" in metadata

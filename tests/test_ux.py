@@ -5,14 +5,18 @@ test cluster counts the real cores, packaging metadata, grouped `fit --help`, `-
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import ROOT, base_env
+from ddp_train import cli
+from ddp_train.config import FIELDS, option_name
 
 VENV = Path(sys.executable).parent.parent  # the venv running the tests: it has torchrun
 BARE_PATH = "/usr/bin:/bin"  # no venv on it
@@ -97,3 +101,63 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
     assert "Warning" not in proc.stdout + proc.stderr, proc.stderr
     metadata = (tmp_path / proc.stdout.split()[-1] / "METADATA").read_text()
     assert "License-Expression: MIT" in metadata and "Version: 0.1.0" in metadata
+
+
+def help_sections(text: str) -> dict[str, list[str]]:
+    """`--help` output as {heading: [option names]}: a heading is a line like `Data:`."""
+    sections: dict[str, list[str]] = {}
+    heading = None
+    for line in text.splitlines():
+        if re.fullmatch(r"\S.*:", line):
+            heading = line[:-1]
+            sections[heading] = []
+        elif heading and re.match(r"  -", line):
+            sections[heading].append(line.split()[0].rstrip(","))
+    return sections
+
+
+def fit_help() -> str:
+    result = CliRunner().invoke(cli.app, ["fit", "--help"], prog_name="ddp-train")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_fit_help_groups_the_options_under_headings():
+    sections = help_sections(fit_help())
+    assert list(sections) == ["Data", "Model", "Optimisation", "Distributed", "Checkpoints and resume",
+                              "Output and logging", "Other"]
+    assert {"--data", "--data-dir", "--workers"} <= set(sections["Data"])
+    assert {"--lr", "--optimizer", "--batch-size", "--epochs"} <= set(sections["Optimisation"])
+    assert {"--strategy", "--backend"} <= set(sections["Distributed"])
+    assert {"--resume", "--run-dir", "--save-every", "--requeue"} <= set(sections["Checkpoints and resume"])
+    assert {"--wandb", "--log-every", "--progress"} <= set(sections["Output and logging"])
+    assert sections["Other"] == ["--config", "-h"]
+    listed = [name for names in sections.values() for name in names]
+    assert sorted(listed) == sorted([option_name(f) for f in FIELDS] + ["--config", "-h"])  # each once
+
+
+def test_fit_help_shows_a_field_without_a_heading_under_other(monkeypatch):
+    """A new FitConfig field that nobody added to FIT_GROUPS still shows."""
+    monkeypatch.delitem(cli.FIT_GROUPS, "seed")
+    sections = help_sections(fit_help())
+    assert "--seed" in sections["Other"] and "--seed" not in sections["Optimisation"]
+
+
+def test_fit_help_shows_choices_as_the_metavar():
+    lines = {line.split()[0]: line for line in fit_help().splitlines() if line.startswith("  --")}
+    assert lines["--optimizer"].split()[1] == "[sgd|adam|adamw]"
+    assert "[default: adam]" in lines["--optimizer"] and "<str>" not in lines["--optimizer"]
+    assert lines["--precision"].split()[1] == "[32|bf16|fp16]"
+    assert lines["--preempt-signal"].split()[1] == "[USR1|USR2]"
+    assert lines["--scheduler"].split()[1:] == ["[none|cosine|step|onecycle]"]  # help on the next line
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"]])
+def test_help_and_version_do_not_import_torch(argv):
+    code = ("import sys; from ddp_train import cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=base_env(),
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: ddp-train" in proc.stdout or proc.stdout.startswith("ddp-train "), proc.stdout

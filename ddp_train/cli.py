@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 
+from . import __version__
 from .config import FIELDS, build_config, option_name
 from .distenv import DistEnv, rank_of
 from .errors import AgreedError, PeerFailure
@@ -30,8 +31,15 @@ Examples:
 """
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ddp-train {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", help="Print the version and exit.", is_eager=True, callback=_print_version)] = None) -> None:
     """Train PyTorch models on a laptop CPU, one GPU, many GPUs or many Slurm nodes with the same command."""
 
 
@@ -114,7 +122,7 @@ _register_tools()
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = (sys.argv[1:] if argv is None else argv) or ["--help"]  # bare `ddp-train`: help, exit 0, no error
     rank = rank_of(os.environ)
     debug = "--debug" in argv
 

@@ -152,7 +152,7 @@ def test_fit_help_shows_choices_as_the_metavar():
     assert lines["--scheduler"].split()[1:] == ["[none|cosine|step|onecycle]"]  # help on the next line
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["--version"], []])
 def test_help_and_version_do_not_import_torch(argv):
     code = ("import sys; from ddp_train import cli\n"
             "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
@@ -161,3 +161,31 @@ def test_help_and_version_do_not_import_torch(argv):
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: ddp-train" in proc.stdout or proc.stdout.startswith("ddp-train "), proc.stdout
+
+
+def main(capfd, argv: list[str]) -> tuple[int, str, str]:
+    """`ddp-train ARGV` in this process: (exit code, stdout, stderr)."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capfd.readouterr()
+    return exc.value.code, out, err
+
+
+def test_version(capfd):
+    from ddp_train import __version__
+
+    assert main(capfd, ["--version"]) == (0, f"ddp-train {__version__}\n", "")
+    assert __version__ == "0.1.0"
+
+
+def test_bare_command_prints_help_without_an_error(capfd):
+    code, out, err = main(capfd, [])
+    assert (code, err) == (0, ""), err
+    assert out.startswith("Usage: ddp-train [OPTIONS] COMMAND") and "fit " in out and "--version" in out
+
+
+def test_unknown_fit_option_is_still_one_error_line(capfd):
+    code, out, err = main(capfd, ["fit", "--bogus"])
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["error: No such option: --bogus (see `ddp-train fit --help`)"]

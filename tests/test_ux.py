@@ -189,3 +189,17 @@ def test_unknown_fit_option_is_still_one_error_line(capfd):
     code, out, err = main(capfd, ["fit", "--bogus"])
     assert (code, out) == (2, "")
     assert err.splitlines() == ["error: No such option: --bogus (see `ddp-train fit --help`)"]
+
+
+def fit_opts(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "--data", "synthetic", "--input-shape", "3,8,8", "--classes", "4", "--samples", "32",
+            "--val-samples", "8", "--batch-size", "8", "--max-steps", "1", "--no-progress",
+            "--run-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("model, suggestion", [("resnet19", "resnet18"), ("vit_b16", "vit_b_16"), ("MLP", "mlp")])
+def test_unknown_model_suggests_the_closest_name(capfd, tmp_path, model, suggestion):
+    code, out, err = main(capfd, fit_opts(tmp_path, "--model", model))
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: unknown model {model!r} (did you mean {suggestion!r}?); choose mlp, "), err

@@ -13,7 +13,7 @@ import click
 import typer
 
 from . import __version__
-from .config import FIELDS, build_config, option_name
+from .config import ALIASES, FIELDS, build_config, option_name
 from .distenv import DistEnv, rank_of
 from .errors import AgreedError, PeerFailure
 
@@ -121,6 +121,19 @@ def _register_tools() -> None:
 _register_tools()
 
 
+def _usage_message(e: Exception) -> str:
+    """click's message; for an unknown option that other tools spell that way (`--learning-rate`),
+    ours (`--lr`), which click's close-match search misses."""
+    option, ctx = getattr(e, "option_name", None), getattr(e, "ctx", None)
+    if type(e).__name__ == "NoSuchOption" and option and ctx is not None:
+        key = option.lstrip("-").replace("-", "_").lower()
+        key = key if key in FIELDS else ALIASES.get(key)  # --LR, --learning-rate: --lr
+        flags = {o for param in ctx.command.params for o in (*param.opts, *param.secondary_opts)}
+        if key and option_name(key) in flags:
+            return f"{e.message} (did you mean {option_name(key)}?)"
+    return e.format_message()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = (sys.argv[1:] if argv is None else argv) or ["--help"]  # bare `ddp-train`: help, exit 0, no error
     rank = rank_of(os.environ)
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="ddp-train", standalone_mode=False)
     except (click.exceptions.UsageError, typer.BadParameter.__base__) as e:  # typer vendors its own click
         command = e.ctx.command_path if e.ctx else "ddp-train"
-        say(f"{e.format_message()} (see `{command} --help`)")
+        say(f"{_usage_message(e)} (see `{command} --help`)")
         code = 2
     except (click.exceptions.Abort, typer.Abort):
         code = 130

@@ -203,3 +203,43 @@ def test_unknown_model_suggests_the_closest_name(capfd, tmp_path, model, suggest
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: unknown model {model!r} (did you mean {suggestion!r}?); choose mlp, "), err
+
+
+@pytest.mark.parametrize("option, suggestion", [
+    ("--learning-rate", "--lr"), ("--num-epochs", "--epochs"), ("--max-epochs", "--epochs"),
+    ("--num-workers", "--workers"), ("--gradient-accumulation-steps", "--grad-accum"),
+    ("--lr-scheduler", "--scheduler"), ("--LR", "--lr"), ("--learning_rate=0.1", "--lr"),
+])
+def test_unknown_option_named_as_other_tools_do_suggests_ours(capfd, option, suggestion):
+    code, out, err = main(capfd, ["fit", option, *([] if "=" in option else ["1"])])
+    name = option.split("=")[0]
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: No such option: {name} (did you mean {suggestion}?) "
+                                "(see `ddp-train fit --help`)"]
+
+
+def test_click_close_matches_are_kept(capfd):
+    code, _, err = main(capfd, ["fit", "--momentun", "1"])
+    assert code == 2 and "(Possible options: --mode, --momentum, --monitor)" in err, err
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("learning_rate", "lr"), ("lr_scheduler", "scheduler"), ("num_epochs", "epochs"), ("max_epochs", "epochs"),
+    ("num_workers", "workers"), ("gradient_accumulation_steps", "grad_accum"),
+    ("accumulate_grad_batches", "grad_accum"), ("batch", "batch_size"), ("batch-sise", "batch_size"),
+])
+def test_unknown_toml_key_suggests_the_option(capfd, tmp_path, key, suggestion):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"{key} = 1\n")
+    code, out, err = main(capfd, ["fit", "--config", str(toml)])
+    assert (code, out) == (2, "")
+    shown = key.replace("-", "_")
+    assert err.splitlines() == [f"error: {toml}: unknown key {shown!r} (did you mean {suggestion!r}?); "
+                                "valid keys are the fit options"]
+
+
+def test_aliases_name_existing_options_only():
+    from ddp_train.config import ALIASES
+
+    assert set(ALIASES.values()) <= set(FIELDS)
+    assert not set(ALIASES) & set(FIELDS)

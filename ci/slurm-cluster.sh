@@ -54,6 +54,12 @@ stop_pidfiles() {  # <pidfile:comm>...
     kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
+# The cores this host gives us. Plain `nproc` obeys OMP_NUM_THREADS (and OMP_THREAD_LIMIT): with
+# OMP_NUM_THREADS=1 in the environment every node would get CPUs=1 and multi-task jobs could not start.
+host_cpus() {
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
 nodes_of() {  # <layout>
     if [[ $1 == 1 ]]; then echo n1; else echo n1 n2; fi
 }
@@ -72,7 +78,7 @@ install_packages() {
 render_conf() {  # <layout>
     local host cpus mem proctrack port=6818 nodes
     host=$(uname -n)
-    cpus=$(nproc)
+    cpus=$(host_cpus)
     # Claim a bit less memory than slurmd measures so the node is never drained for it.
     mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
     mem=$(( mem * 9 / 10 ))
@@ -183,7 +189,7 @@ start() {
         /usr/sbin/slurmd -N "$n"
     done
     wait_idle "$layout"
-    say "up: $(nodes_of "$layout") (partition debug, $(nproc) CPUs each)"
+    say "up: $(nodes_of "$layout") (partition debug, $(host_cpus) CPUs each)"
 }
 
 status() {
@@ -197,6 +203,9 @@ status() {
     sinfo -N 2>/dev/null || { echo "slurmctld not reachable"; ok=1; }
     return $ok
 }
+
+# Sourced (the tests do): define the functions only.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 case ${1:-} in
     start) start "${2:-2}" ;;

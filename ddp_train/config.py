@@ -172,14 +172,63 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
+# What other tools (Hugging Face Trainer, Lightning, torch examples, timm) call our options:
+# an unknown key or flag with one of these names is answered with ours.
+ALIASES = {
+    **dict.fromkeys(("learning_rate", "base_lr", "lr0"), "lr"),
+    **dict.fromkeys(("lr_scheduler", "lr_scheduler_type", "scheduler_type", "sched"), "scheduler"),
+    **dict.fromkeys(("num_epochs", "max_epochs", "n_epochs", "num_train_epochs", "epoch"), "epochs"),
+    **dict.fromkeys(("max_iters", "max_iterations", "num_steps", "max_train_steps", "total_steps"), "max_steps"),
+    **dict.fromkeys(("num_workers", "dataloader_num_workers", "n_workers", "workers_per_gpu"), "workers"),
+    **dict.fromkeys(("gradient_accumulation_steps", "accumulate_grad_batches", "accumulation_steps",
+                     "grad_accumulation"), "grad_accum"),
+    **dict.fromkeys(("batch", "bs", "train_batch_size", "per_device_train_batch_size", "micro_batch_size"),
+                    "batch_size"),
+    **dict.fromkeys(("per_device_eval_batch_size", "val_batch_size", "test_batch_size"), "eval_batch_size"),
+    **dict.fromkeys(("max_grad_norm", "gradient_clip_val", "grad_clip", "clip_grad"), "clip_grad_norm"),
+    **dict.fromkeys(("optim", "opt"), "optimizer"),
+    "wd": "weight_decay",
+    **dict.fromkeys(("dataset", "dataset_name"), "data"),
+    **dict.fromkeys(("data_path", "data_root", "dataset_dir", "root"), "data_dir"),
+    **dict.fromkeys(("arch", "architecture", "net", "network"), "model"),
+    **dict.fromkeys(("num_classes", "n_classes"), "classes"),
+    **dict.fromkeys(("hidden_sizes", "hidden_dims", "hidden_size"), "hidden"),
+    **dict.fromkeys(("output_dir", "out_dir", "save_dir", "checkpoint_dir", "ckpt_dir", "default_root_dir"),
+                    "run_dir"),
+    **dict.fromkeys(("resume_from_checkpoint", "resume_from", "ckpt_path"), "resume"),
+    **dict.fromkeys(("save_steps", "save_interval", "checkpoint_every"), "save_every"),
+    "save_total_limit": "keep",
+    **dict.fromkeys(("logging_steps", "log_interval", "log_every_n_steps"), "log_every"),
+    "early_stopping_patience": "patience",
+    "metric_for_best_model": "monitor",
+    "dist_backend": "backend",
+    **dict.fromkeys(("mixed_precision", "amp", "fp16", "bf16", "dtype"), "precision"),
+    **dict.fromkeys(("random_seed", "manual_seed"), "seed"),
+    "gamma": "lr_gamma",
+    "step_size": "lr_step_epochs",
+    "torch_compile": "compile",
+    **dict.fromkeys(("use_wandb", "report_to"), "wandb"),
+    "run_name": "wandb_name",
+}
+
+
+def suggest(name: str) -> str | None:
+    """The fit option (field name) an unknown key or flag most likely means, or None."""
+    key = name.lstrip("-").replace("-", "_").lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return close[0] if close else None
+
+
 def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Reject unknown keys and wrongly typed values (from TOML or a checkpoint)."""
     out = {}
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = suggest(key)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise UsageError(f"{source}: unknown key {key!r}{hint}; valid keys are the fit options")
         expected = _field_type(key)
         ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)

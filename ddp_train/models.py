@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections import OrderedDict
@@ -99,8 +100,11 @@ def _torchvision_model(name: str, input_shape: tuple[int, ...], num_outputs: int
 def _check_torchvision(name: str, input_shape: tuple[int, ...]) -> None:
     import torchvision.models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        raise UsageError(f"unknown model {name!r}; choose {', '.join(MODELS)}, a torchvision "
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        close = difflib.get_close_matches(name.lower(), [*MODELS, *known], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown model {name!r}{hint}; choose {', '.join(MODELS)}, a torchvision "
                          "classification model (e.g. resnet18, resnet50, vit_b_16), or package.module:function")
     if len(input_shape) != 3 or input_shape[0] != 3:
         raise UsageError(f"torchvision's {name} takes 3-channel images; this data is {input_shape}: "

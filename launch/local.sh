@@ -8,7 +8,8 @@
 # Variables:
 #   NPROC     processes (default: the GPUs in CUDA_VISIBLE_DEVICES if it is set, else those
 #             `nvidia-smi -L` lists; 2 when there is none, so a CPU run still exercises DDP)
-#   TORCHRUN  how to run torchrun (default "torchrun"; e.g. "python -m torch.distributed.run")
+#   TORCHRUN  how to run torchrun (default: "torchrun" from PATH, else this checkout's
+#             .venv/bin/torchrun; e.g. "python -m torch.distributed.run")
 # ddp_train picks the backend itself: nccl on GPUs, gloo on CPU.
 set -euo pipefail
 
@@ -22,5 +23,18 @@ if [[ -z ${NPROC:-} ]]; then
     ((${NPROC:-0} > 0)) || NPROC=2
 fi
 
-# shellcheck disable=SC2086  # TORCHRUN is a word list
-exec ${TORCHRUN:-torchrun} --standalone --nproc-per-node "$NPROC" -m ddp_train fit "$@"
+# torchrun: $TORCHRUN if set, else the one on PATH (an active venv), else this checkout's own
+# .venv (which `make fit` creates), so the script works without activating anything.
+venv=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)/.venv
+if [[ -n ${TORCHRUN:-} ]]; then
+    read -ra torchrun <<<"$TORCHRUN"  # a word list, e.g. "python -m torch.distributed.run"
+elif command -v torchrun >/dev/null; then
+    torchrun=(torchrun)
+elif [[ -x $venv/bin/torchrun ]]; then
+    torchrun=("$venv/bin/torchrun")
+else
+    echo "$(basename "$0"): torchrun not found on PATH or in $venv/bin: run \`make fit\` once (it creates .venv), or activate a venv with ddp-train installed" >&2
+    exit 2
+fi
+
+exec "${torchrun[@]}" --standalone --nproc-per-node "$NPROC" -m ddp_train fit "$@"

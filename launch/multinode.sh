@@ -18,7 +18,8 @@
 #   NODE_RANK       this node's rank, 0 .. NNODES-1; setting it selects fixed-rank mode
 #   MASTER_ADDR     node 0's address, reachable from every node (fixed-rank mode)
 #   MASTER_PORT     a free port on node 0 (fixed-rank mode; default 29500)
-#   TORCHRUN        how to run torchrun (default "torchrun"; e.g. "python -m torch.distributed.run")
+#   TORCHRUN        how to run torchrun (default: "torchrun" from PATH, else this checkout's
+#                   .venv/bin/torchrun; e.g. "python -m torch.distributed.run")
 set -euo pipefail
 
 : "${NNODES:?set NNODES to the number of nodes}"
@@ -33,6 +34,19 @@ else
     rendezvous=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
 fi
 
-# shellcheck disable=SC2086  # TORCHRUN is a word list
-exec ${TORCHRUN:-torchrun} --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
+# torchrun: $TORCHRUN if set, else the one on PATH (an active venv), else this checkout's own
+# .venv (which `make fit` creates), so the script works without activating anything.
+venv=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)/.venv
+if [[ -n ${TORCHRUN:-} ]]; then
+    read -ra torchrun <<<"$TORCHRUN"  # a word list, e.g. "python -m torch.distributed.run"
+elif command -v torchrun >/dev/null; then
+    torchrun=(torchrun)
+elif [[ -x $venv/bin/torchrun ]]; then
+    torchrun=("$venv/bin/torchrun")
+else
+    echo "$(basename "$0"): torchrun not found on PATH or in $venv/bin: run \`make fit\` once (it creates .venv), or activate a venv with ddp-train installed" >&2
+    exit 2
+fi
+
+exec "${torchrun[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
     -m ddp_train fit "$@"

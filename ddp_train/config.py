@@ -292,5 +292,6 @@ def config_from_dict(values: dict[str, Any]) -> FitConfig:
     return FitConfig(**check_types(known, "checkpoint config"))
 
 
-def dump_json(cfg: FitConfig, extra: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=True) + "\n")
+def dump_json(cfg: FitConfig, launch: dict[str, Any], path: Path) -> None:
+    """The settings at the top level (what `fit --run-dir` reads back), how it ran under "launch"."""
+    path.write_text(json.dumps({**cfg.to_dict(), "launch": launch}, indent=2, sort_keys=True) + "\n")

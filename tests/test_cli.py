@@ -24,15 +24,16 @@ def invoke(*args: str):
 @pytest.fixture
 def captured(monkeypatch):
     """Replace the training run with one that records the FitConfig it was given."""
-    import ddp_train.train
+    import ddp_train.api
+    from ddp_train.result import FitResult
 
     configs = []
 
-    def fake_run_fit(cfg, env):
+    def fake_fit(task=None, cfg=None):
         configs.append(cfg)
-        return 0
+        return FitResult(status="done", step=0, epoch=0, run_dir="runs/x")
 
-    monkeypatch.setattr(ddp_train.train, "run_fit", fake_run_fit)
+    monkeypatch.setattr(ddp_train.api, "fit", fake_fit)
     return configs
 
 

@@ -4,42 +4,66 @@ import struct
 import pytest
 import torch
 
+from torch.utils.data import DistributedSampler
+
 from ddp_train.config import FitConfig
-from ddp_train.data import (EvalChunkSampler, ResumableDistributedSampler, TensorData, build_data,
-                            train_loader)
+from ddp_train.data import TensorData, build_data, train_loader
 from ddp_train.errors import UsageError
 from ddp_train.models import build_model
+from ddp_train.sampling import EvalChunks, TrainSampler
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, batch", [(101, 16), (7, 3), (1, 4), (64, 8)])
-def test_eval_sampler_covers_each_index_once(world, n, batch):
-    seen = [i for rank in range(world) for chunk in EvalChunkSampler(n, batch, rank, world) for i in chunk]
+def test_eval_chunks_cover_each_index_once(world, n, batch):
+    seen = [i for rank in range(world) for chunk in EvalChunks(n, batch, rank, world, as_lists=True) for i in chunk]
     assert sorted(seen) == list(range(n))
 
 
 def test_eval_chunks_do_not_depend_on_world_size():
-    one = list(EvalChunkSampler(50, 8, 0, 1))
+    one = list(EvalChunks(50, 8, 0, 1))
     three = {c: chunk for r in range(3) for c, chunk in
-             zip(EvalChunkSampler(50, 8, r, 3).chunk_ids(), EvalChunkSampler(50, 8, r, 3))}
+             zip(EvalChunks(50, 8, r, 3).chunk_ids(), EvalChunks(50, 8, r, 3))}
     assert [three[c] for c in sorted(three)] == one
 
 
-def test_resumable_sampler_skips_indices_not_data():
-    ds = TensorData(torch.arange(40.0), torch.arange(40))
-    s = ResumableDistributedSampler(ds, num_replicas=2, rank=1, seed=3)
+@pytest.mark.parametrize("n, world, batch", [(40, 2, 4), (31, 3, 5), (5, 4, 2), (30, 1, 7), (3, 2, 8)])
+def test_train_sampler_is_distributed_samplers_order(n, world, batch):
+    """Index tensors, but exactly DistributedSampler's shuffle and padding, rank by rank."""
+    for rank in range(world):
+        ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        ref.set_epoch(5)
+        ours = TrainSampler(n, batch, rank, world, seed=3)
+        ours.set_epoch(5)
+        got = [i for epoch, idx in ours for i in (range(n)[idx] if isinstance(idx, slice) else idx.tolist())]
+        if world == 1 and batch >= n:
+            assert sorted(got) == sorted(ref)  # one full batch: the data set in stored order
+        else:
+            assert got == list(ref)
+        assert all(epoch == 5 for epoch, _ in ours)
+
+
+def test_train_sampler_starts_mid_epoch_by_skipping_indices():
+    s = TrainSampler(40, 4, rank=1, world_size=2, seed=3)
     s.set_epoch(5)
-    full = list(s)
-    s.set_epoch(5, start=6)
-    assert list(s) == full[6:] and len(s) == len(full) - 6
+    full = [idx for _, idx in s]
+    s.set_epoch(5, start_batch=2)
+    rest = [idx for _, idx in s]
+    assert len(rest) == len(s) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+
+
+def test_one_full_batch_is_a_view_not_a_gather():
+    ds = TensorData(torch.arange(30.0).view(30, 1), torch.arange(30))
+    loader, _ = train_loader(ds, 64, rank=0, world_size=1, seed=0, workers=0, cuda=False)
+    [(x, y)] = list(loader)
+    assert x.data_ptr() == ds.x.data_ptr() and torch.equal(y, ds.y)
 
 
 def test_batched_loader_matches_per_sample_order():
     ds = TensorData(torch.arange(30.0).view(30, 1), torch.arange(30))
-    cfg = FitConfig(batch_size=4, seed=1)
-    loader = train_loader(ds, cfg, rank=0, world_size=2, cuda=False)
-    loader.sampler.sampler.set_epoch(2)
-    ref = ResumableDistributedSampler(ds, num_replicas=2, rank=0, seed=1)
+    loader, sampler = train_loader(ds, 4, rank=0, world_size=2, seed=1, workers=0, cuda=False)
+    sampler.set_epoch(2)
+    ref = DistributedSampler(ds, num_replicas=2, rank=0, seed=1)
     ref.set_epoch(2)
     got = torch.cat([y for _, y in loader]).tolist()
     assert got == list(ref)
@@ -102,8 +126,26 @@ def test_imagefolder_from_generated_pngs(tmp_path):
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (12, 10), (i * 40, 0, 0)).save(folder / f"{i}.png")
-    b = build_data(FitConfig(data="imagefolder", data_dir=str(tmp_path)))
-    assert (len(b.train), b.num_outputs, b.input_shape) == (6, 2, (3, 10, 12))
+    b = build_data(FitConfig(data="imagefolder", data_dir=str(tmp_path), image_size=16))
+    assert (len(b.train), b.num_outputs, b.input_shape, b.classes) == (6, 2, (3, 16, 16), ["cat", "dog"])
+    x, y = b.val[4]  # resized and centre-cropped to 16x16, normalised
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 1
+    assert b.train.transform is not b.val.transform
+
+
+def test_imagefolder_is_streamed_not_loaded(tmp_path):
+    """Image folders stay on disk (read per sample by the loader), unlike the in-memory sets."""
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "0.png")
+    b = build_data(FitConfig(data="imagefolder", data_dir=str(tmp_path), image_size=8))
+    assert not isinstance(b.train, TensorData)
+
+
+def test_image_size_only_for_image_folders():
+    with pytest.raises(UsageError, match="--image-size applies to --data imagefolder"):
+        build_data(FitConfig(data="digits", image_size=32))
 
 
 def test_imagefolder_without_images(tmp_path):
@@ -119,7 +161,7 @@ def test_user_functions():
     assert isinstance(build_model("tests.fixtures.userdefs:tiny_net", (5,), 2), torch.nn.Module)
     with pytest.raises(UsageError, match="must return a dict"):
         build_data(FitConfig(data="tests.fixtures.userdefs:not_a_dict"))
-    with pytest.raises(UsageError, match="has no function 'nope'"):
+    with pytest.raises(UsageError, match="has no 'nope'"):
         build_data(FitConfig(data="tests.fixtures.userdefs:nope"))
     with pytest.raises(UsageError, match="cannot import"):
         build_data(FitConfig(data="no_such_pkg.mod:fn"))

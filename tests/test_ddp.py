@@ -24,7 +24,7 @@ def test_two_ranks_train_and_only_rank0_logs(tiny, tmp_path):
     assert history[0].startswith("epoch,step,train_loss,val_loss,val_acc,val_f1,lr,seconds")
     assert len(history) == 3
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert cfg["world_size"] == 2 and cfg["model"] == "mlp"
+    assert cfg["launch"]["world_size"] == 2 and cfg["model"] == "mlp"
 
 
 def test_log_all_ranks_prefixes(tiny):

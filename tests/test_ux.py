@@ -124,8 +124,10 @@ def fit_help() -> str:
 
 def test_fit_help_groups_the_options_under_headings():
     sections = help_sections(fit_help())
-    assert list(sections) == ["Data", "Model", "Optimisation", "Distributed", "Checkpoints and resume",
-                              "Output and logging", "Other"]
+    assert list(sections) == ["Your own Task", "Data", "Model", "Optimisation", "Evaluation and early stopping",
+                              "Distributed", "Checkpoints and resume", "Output and logging", "Other"]
+    assert {"--task", "--task-arg"} <= set(sections["Your own Task"])
+    assert {"--monitor", "--patience", "--eval-every", "--metrics"} <= set(sections["Evaluation and early stopping"])
     assert {"--data", "--data-dir", "--workers"} <= set(sections["Data"])
     assert {"--lr", "--optimizer", "--batch-size", "--epochs"} <= set(sections["Optimisation"])
     assert {"--strategy", "--backend"} <= set(sections["Distributed"])
@@ -220,7 +222,7 @@ def test_unknown_option_named_as_other_tools_do_suggests_ours(capfd, option, sug
 
 def test_click_close_matches_are_kept(capfd):
     code, _, err = main(capfd, ["fit", "--momentun", "1"])
-    assert code == 2 and "(Possible options: --mode, --momentum, --monitor)" in err, err
+    assert code == 2 and "(Possible options: --momentum, --monitor, --no-augment)" in err, err
 
 
 @pytest.mark.parametrize("key, suggestion", [

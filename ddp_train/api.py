@@ -17,7 +17,7 @@ from typing import Any
 import sys
 import traceback
 
-from .config import FitConfig, build_config
+from .config import FitConfig, build_config, check_types
 from .errors import PEER_LOST, AgreedError, PeerFailure
 from .result import FitResult
 from .task import Task
@@ -37,6 +37,7 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     from .preempt import PreemptFlag
     from .task import from_config
 
+    options = check_types(options, "fit()")
     if cfg is None:
         cfg = build_config(options, config)
     elif options or config:

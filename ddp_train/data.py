@@ -307,7 +307,8 @@ def _loader_args(ds: Dataset, workers: int, cuda: bool, seed: int) -> dict:
 
 
 def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:
-    for name, ds in splits.items():
-        if name in ("train", "val") and len(ds) < world_size:
+    for split, name in (("train", "training"), ("val", "validation")):
+        ds = splits[split]
+        if len(ds) < world_size:
             raise UsageError(f"the {name} set has {len(ds)} samples but the job has {world_size} ranks; "
                              "use fewer processes or more data")

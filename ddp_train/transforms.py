@@ -43,20 +43,21 @@ def batch_hashes(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with torch's, Python's and (if imported) NumPy's global generators seeded, then
     put the previous states back: the caller's random streams are untouched."""
-    py_state = random.getstate()
+    cpu = torch.default_generator  # the CPU generator alone: torch.manual_seed would touch CUDA too
+    torch_state, py_state = cpu.get_state(), random.getstate()
     np = sys.modules.get("numpy")
     np_state = np.random.get_state() if np is not None else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
+    cpu.manual_seed(seed)
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed)
+    try:
+        yield
+    finally:
+        cpu.set_state(torch_state)
+        random.setstate(py_state)
         if np is not None:
-            np.random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            if np is not None:
-                np.random.set_state(np_state)
+            np.random.set_state(np_state)
 
 
 class EpochIndexed(Dataset):

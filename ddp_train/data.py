@@ -252,7 +252,7 @@ def _data_dir(cfg: FitConfig, downloadable: bool) -> Path:
 
 def _user_data(cfg: FitConfig) -> DataBundle:
     fn = load_user_function(cfg.data, "--data")
-    with user_code("--data", cfg.data):
+    with user_code("--data", cfg.data, "loading the data"):
         out = fn(cfg.data_dir)
     keys = {"train", "val", "task"}
     if not isinstance(out, dict) or not keys <= out.keys():

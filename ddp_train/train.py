@@ -122,10 +122,12 @@ def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> F
         log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
                  state.epoch + (state.batch_in_epoch > 0), state.step, state.batch_in_epoch // cfg.grad_accum,
                  per_epoch)
-        if state.status != "running" or state.step >= total or state.epoch >= cfg.epochs:
-            why = "stopped early" if state.status == "early_stop" else "finished"
-            log.info("nothing to do: the run in %s already %s (step %d of %d); raise --epochs or --max-steps "
-                     "to train longer, or pass another --run-dir for a new run", run_dir, why, state.step, total)
+        stopped = state.status == "early_stop" and cfg.patience and policy.bad_evals >= cfg.patience
+        if stopped or state.step >= total or state.epoch >= cfg.epochs:
+            more = "raise --patience" if stopped else "raise --epochs or --max-steps"
+            log.info("nothing to do: the run in %s already %s (step %d of %d); %s to train longer, or pass "
+                     "another --run-dir for a new run", run_dir, "stopped early" if stopped else "finished",
+                     state.step, total, more)
             report.close(state.step, 0)
             return _result("nothing_to_do", state, run_dir, {}, policy, saver)
     started = time.perf_counter()
@@ -180,7 +182,7 @@ def default_run_dir(cfg: FitConfig) -> Path:
     its own run again (and resumes it); other settings get another directory."""
     shaping = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in RESUMABLE_CHANGES}
     digest = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = cfg.task.rpartition(":")[2] if cfg.task else f"{cfg.data}-{cfg.model or 'default'}"
+    name = cfg.task.rpartition(":")[2] if cfg.task else f"{cfg.data}-{cfg.model}"
     return Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
 
 

@@ -8,6 +8,7 @@ they need come from one tiny real run per module, made in a subprocess.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import shutil
@@ -188,7 +189,84 @@ CASES = [
                  ["run.toml", "unknown key 'learning_rate'"], id="toml-unknown-key"),
     pytest.param(fresh("--monitor", "val_r2"), ["--monitor val_r2", "not a metric of this run", "val_acc"],
                  id="monitor-not-a-metric"),
+    pytest.param(fresh("--data", f"{USER}:labels_out_of_range"), ["train labels run from 0 to 3",
+                 "num_outputs is 3", "0..2"], id="labels-out-of-range"),
+    pytest.param(lambda c: tiny_opts(c.fresh, "--data", "imagefolder", "--data-dir", str(c.tmp / "nope")),
+                 ["--data-dir", "does not exist", "train/ and val/"], id="imagefolder-missing-dir"),
+    pytest.param(fresh("--hidden", "a,b"), ["--hidden", "like 128,64"], id="hidden-not-numbers"),
+    pytest.param(fresh("--task-arg", "n=1"), ["--task-arg", "pass --task too"], id="task-arg-without-task"),
+    pytest.param(fresh("--task", "tests.fixtures.tasks:DictTask", "--task-arg", "oops"), ["--task-arg 'oops'",
+                 "KEY=VALUE"], id="task-arg-not-a-pair"),
+    pytest.param(lambda c: ["--task", "tests.fixtures.tasks:DictTask", "--task-arg", "nosuch=1", "--run-dir",
+                            str(c.fresh)], ["--task tests.fixtures.tasks:DictTask", "TypeError", "nosuch"],
+                 id="task-arg-unknown"),
+    pytest.param(fresh("--metrics", "auroc,top9"), ["--metrics top9", "auroc"], id="unknown-metric"),
+    pytest.param(fresh("--warmup-steps", "5", "--scheduler", "onecycle"), ["onecycle", "--warmup-steps"],
+                 id="warmup-with-onecycle"),
+    pytest.param(fresh("--pretrained"), ["--pretrained", "--model mlp"], id="pretrained-builtin-model"),
 ]
+
+
+def user_error(capfd, argv: list[str]) -> tuple[int, str]:
+    """Run fit; the output must end in one `error:` line and show no framework frames."""
+    code, out, err = fit_error(capfd, argv)
+    lines = err.rstrip().splitlines()
+    assert code == 2, err
+    assert lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1, err
+    for framework in ("/ddp_train/", "/typer/", "/click/", "/torch/"):
+        assert framework not in err, err
+    return code, err
+
+
+def test_model_that_does_not_fit_the_data(tmp_path, capfd):
+    _, err = user_error(capfd, ["--data", f"{USER}:blobs", "--model", f"{USER}:wrong_width", "--run-dir",
+                                str(tmp_path / "r"), "--no-progress"])
+    assert err.rstrip().splitlines()[-1].startswith(
+        f"error: --model {USER}:wrong_width raised RuntimeError while training on the first batch ((64, 5), (64,)): "
+        "mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_user_data_function_that_raises(tmp_path, capfd):
+    _, err = user_error(capfd, ["--data", f"{USER}:raises", "--run-dir", str(tmp_path / "r")])
+    assert "Traceback (your code only" in err and "return rows[0]" in err
+    assert err.rstrip().splitlines()[-1] == (f"error: --data {USER}:raises raised IndexError while loading the data: "
+                                             "list index out of range")
+
+
+def test_user_errors_show_everything_with_debug(tmp_path, capfd):
+    code, _, err = fit_error(capfd, ["--data", f"{USER}:raises", "--run-dir", str(tmp_path / "r"), "--debug"])
+    assert code == 2 and "/ddp_train/" in err and err.rstrip().splitlines()[-1].startswith("error: --data")
+
+
+def test_two_dimensional_samples_get_a_working_default_model(tmp_path):
+    proc = run_fit(1, "--data", f"{USER}:matrices", "--epochs", "1", "--run-dir", str(tmp_path / "m"), "--no-progress")
+    assert "done:" in proc.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"] == "mlp"
+
+
+def test_multi_output_regression_reports_loss_on_one_scale(tmp_path):
+    proc = run_fit(1, "--data", f"{USER}:regression3", "--epochs", "2", "--run-dir", str(tmp_path / "r"),
+                   "--no-progress", "--lr", "0.01")
+    last = proc.stderr.strip().splitlines()[-2]
+    figures = dict(zip(last.split()[2::2], map(float, last.split()[3::2])))
+    assert figures["val_loss"] == pytest.approx(figures["val_mse"], rel=1e-5), last
+
+
+def test_overwrite_removes_every_file_of_the_old_run(tmp_path, trained):
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    (run / "history.png").write_bytes(b"png")
+    run_fit(1, *tiny_opts(run, "--max-steps", "1", "--resume", "never", "--overwrite"))
+    assert not (run / "history.png").exists()
+
+
+def test_summary_with_an_input_too_small(capfd):
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["summary", "--model", "cnn", "--input-shape", "1,4,4"])
+    err = capfd.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and "does not take input of shape (1, 4, 4)" in err
 
 
 @pytest.mark.parametrize("make_argv, keywords", CASES)

@@ -57,3 +57,19 @@ def test_without_wandb_no_wandb_files(tmp_path, capfd):
     assert not (run_dir / "wandb").exists()
     assert not list(tmp_path.rglob("*wandb*"))
     assert ckpt_run_id(run_dir) is None
+
+
+def test_no_api_key_and_no_network_logs_offline_with_one_warning(tmp_path):
+    """The tracker never stops training: no key (and no network here) means offline, said once."""
+    import os
+
+    from conftest import base_env
+
+    env = {k: v for k, v in base_env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    run_dir = tmp_path / "run"
+    proc = run_fit(1, *tiny_opts(run_dir, "--wandb", "--max-steps", "2"), env=env)
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("wandb: no API key")]
+    assert len(warnings) == 1 and "logging offline" in warnings[0] and "wandb sync" in warnings[0], proc.stderr
+    assert "Traceback" not in proc.stderr and len(offline_runs(run_dir)) == 1
+    assert os.path.isfile(run_dir / "checkpoints" / "last.pt")

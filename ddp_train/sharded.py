@@ -15,6 +15,7 @@ copies are hard links to the same (never modified) files.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -22,10 +23,12 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -153,11 +156,19 @@ def _check_plain(value: Any, where: str = "extra") -> None:
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
     elif not (value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor))):
-        raise UsageError(f"{where} is a {type(value).__name__}; sharded checkpoints keep tensors and "
-                         "plain values only (convert it, e.g. to a dict or a list)")
+        raise UsageError(f"{where} is a {type(value).__name__}; a checkpoint's extra dict holds "
+                         "tensors and plain values only (str, numbers, lists, dicts): convert it")
 
 
 # --- save, load, export --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every call without a process group, even when told so with no_dist=True."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Model and optimizer state as this rank's shards (DTensors), keyed by parameter names."""
@@ -187,8 +198,10 @@ def save(ckpt_dir: str | Path, name: str, model: nn.Module, optimizer: torch.opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(tmp, single_file_per_rank=True,
-                                                                      sync_files=True))
+    with _single_process_ok():
+        dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(tmp, single_file_per_rank=True,
+                                                                          sync_files=True),
+                 no_dist=not dist.is_initialized())
     if is_main:
         _write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
     barrier()  # every rank's shards are on disk (dcp.save's last collective already implies it)
@@ -212,7 +225,8 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
         raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker: a save was "
                          "interrupted); resume from another one (checkpoints/step-*) or start over")
     state = _state(model, optimizer)
-    dcp.load(state, storage_reader=FileSystemReader(path))
+    with _single_process_ok():
+        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not dist.is_initialized())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -237,8 +251,9 @@ def export(path: str | Path) -> dict[str, torch.Tensor]:
     # the dict from the checkpoint's metadata needs the lower-level entry point (as in
     # torch.distributed.checkpoint.format_utils.dcp_to_torch_save, which would also read the
     # optimizer state).
-    _load_state_dict(state, storage_reader=FileSystemReader(path),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    with _single_process_ok():
+        _load_state_dict(state, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return {bare_key(k): v for k, v in state["model"].items()}
 
 

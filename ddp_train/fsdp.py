@@ -55,8 +55,10 @@ def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision:
     """fully_shard each block, then the root (which takes every parameter not in a block), over
     all ranks of the default process group. Returns `model` itself, modified in place: its
     parameters are now sharded DTensors, so create the optimizer afterwards. The model must already
-    be on `device`. precision "bf16": compute in bfloat16, reduce gradients and keep the sharded
-    (optimizer-facing) parameters in float32; "32": no casting."""
+    be on `device`. precision "bf16": compute in bfloat16 (FSDP casts the parameters as it gathers
+    them: no autocast needed), reduce gradients, keep the sharded (optimizer-facing) parameters and
+    return the model's output in float32; "32": no casting. fp16 is refused (it needs a gradient
+    scaler that understands sharded gradients)."""
     if precision not in PRECISIONS:
         raise UsageError(f"FSDP precision {precision!r} is not supported; choose {', '.join(PRECISIONS)}")
     if not dist.is_initialized():
@@ -66,12 +68,16 @@ def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision:
     device = torch.device(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     dtype = PRECISIONS[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    policy = root_policy = MixedPrecisionPolicy()
+    if dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # The model's output (logits) in float32, so that the loss is computed in float32.
+        root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
     for block in default_blocks(model) if blocks is None else blocks:
         if block is model:
             raise UsageError("the root model is not a block: it is sharded last, by shard() itself")
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
 
 

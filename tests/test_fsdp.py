@@ -168,6 +168,10 @@ def test_fsdp_matches_ddp(reference):
     assert equal(ref["everywhere"], ref["fsdp20"])
     assert results["blocks"] == ["FSDPNet", "FSDPBlock", "FSDPBlock", "FSDPBlock"]
     assert results["bf16_finite"] and results["bf16_param_dtypes"] == ["torch.float32"]
+    assert results["bf16_output_dtype"] == "torch.float32"
+    # bf16 compute: near the float32 run, not equal to it.
+    assert results["bf16_norms"][0] != results["fsdp_norms"][0]
+    assert results["bf16_norms"][0] == pytest.approx(results["fsdp_norms"][0], rel=0.05)
 
 
 @pytest.mark.slow

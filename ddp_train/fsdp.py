@@ -1,0 +1,175 @@
+"""Fully sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`): each rank keeps only
+its shard of every parameter, gradient and optimizer state; a block's full parameters exist only
+while it runs (all-gathered before, freed after), and gradients are reduce-scattered.
+
+Ordering for a training loop (all ranks, same order):
+  1. build the model, move it to the device, load any --init-from weights into the bare module;
+  2. `shard(model, ...)` (in place; parameters become DTensors);
+  3. create the optimizer from `model.parameters()` (it must see the sharded parameters);
+  4. forward/backward on every rank; `clip_grad_norm`; `optimizer.step()`.
+Evaluation can call the sharded model on every rank (each forward all-gathers what it needs), so
+it must run on all ranks, like training. `full_state_dict` / `sharded.save` are collectives too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from .errors import UsageError
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16}
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units that get their own all-gather: the model's top-level children that hold
+    parameters and are containers (a ResNet's layer1..layer4, a transformer's encoder); the leaf
+    layers among them (a ResNet's conv1, bn1, fc) stay with the root. A flat stack of layers (the
+    built-in mlp/cnn: nn.Sequential of Linear/Conv) has no containers: each layer with parameters
+    is then a block. A ModuleList/ModuleDict child (a stack of transformer layers) gives its items.
+    Pass your own list to shard() when this is not what you want."""
+    def has_params(m: nn.Module) -> bool:
+        return any(True for _ in m.parameters())
+
+    holders = [m for m in model.children() if has_params(m)]
+    containers = [m for m in holders if any(True for _ in m.children())]
+    blocks: list[nn.Module] = []
+    for m in containers or holders:
+        # A ModuleList/ModuleDict has no forward of its own to hook: its items are the blocks.
+        items = list(m.values() if isinstance(m, nn.ModuleDict) else m) if isinstance(
+            m, (nn.ModuleList, nn.ModuleDict)) else [m]
+        blocks += [b for b in items if has_params(b)]
+    return blocks
+
+
+def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision: str = "32",
+          device: str | torch.device = "cpu") -> nn.Module:
+    """fully_shard each block, then the root (which takes every parameter not in a block), over
+    all ranks of the default process group. Returns `model` itself, modified in place: its
+    parameters are now sharded DTensors, so create the optimizer afterwards. The model must already
+    be on `device`. precision "bf16": compute in bfloat16 (FSDP casts the parameters as it gathers
+    them: no autocast needed), reduce gradients, keep the sharded (optimizer-facing) parameters and
+    return the model's output in float32; "32": no casting. fp16 is refused (it needs a gradient
+    scaler that understands sharded gradients)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"FSDP precision {precision!r} is not supported; choose {', '.join(PRECISIONS)}")
+    if not dist.is_initialized():
+        raise UsageError("FSDP needs a process group: launch with torchrun (one process is fine)")
+    if isinstance(model, FSDPModule):
+        raise UsageError("this model is already sharded")
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    dtype = PRECISIONS[precision]
+    policy = root_policy = MixedPrecisionPolicy()
+    if dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # The model's output (logits) in float32, so that the loss is computed in float32.
+        root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    for block in default_blocks(model) if blocks is None else blocks:
+        if block is model:
+            raise UsageError("the root model is not a block: it is sharded last, by shard() itself")
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so that their global 2-norm is at most `max_norm`, and return
+    the norm before clipping as a plain float32 tensor, the same on every rank (inf/nan propagate,
+    as with torch.nn.utils.clip_grad_norm_).
+
+    Works for sharded (DTensor, FSDP2) and plain gradients: each rank sums the squares of its local
+    shards and one all-reduce adds them up; gradients that every rank holds in full (plain tensors,
+    Replicate placements) count once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = _local(grads[0]).device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    group = None
+    for g in grads:
+        local = _local(g).detach()
+        square = local.float().pow(2).sum().to(device)
+        if isinstance(g, DTensor) and any(p.is_shard() for p in g.placements):
+            if g.device_mesh.ndim != 1:
+                raise UsageError("clip_grad_norm handles 1-D meshes (plain FSDP) only")
+            group = g.device_mesh.get_group()
+            sharded += square
+        else:
+            replicated += square
+    if group is not None:
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=group)
+    total = (sharded + replicated).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        local = _local(g).detach()
+        local.mul_(coef.to(local.dtype))
+    return total.cpu()
+
+
+@contextlib.contextmanager
+def accumulating(model: nn.Module, is_last_micro: bool) -> Iterator[None]:
+    """Run one micro-batch's forward and backward inside this block: gradients are synchronised
+    (reduce-scattered for FSDP2, all-reduced for DDP) only when `is_last_micro`; the others
+    accumulate locally, in full size (FSDP2 keeps the unsharded gradient until the last one).
+    A bare module (one process) just accumulates."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(is_last_micro)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(model, nn.parallel.DistributedDataParallel) and not is_last_micro:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def bare_key(key: str) -> str:
+    while key.startswith(("_orig_mod.", "module.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def full_state_dict(model: nn.Module, *, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """Collective: the bare module's full state dict (keys as in the unwrapped model's
+    state_dict(), plain CPU tensors). On rank 0 only (empty dict elsewhere) unless `all_ranks`."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    state = get_model_state_dict(model, options=options)
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        out[bare_key(key)] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (local shards only)."""
+    def size(t: torch.Tensor) -> int:
+        t = _local(t)
+        return t.numel() * t.element_size()
+    out = {"params": sum(size(p) for p in model.parameters()),
+           "grads": sum(size(p.grad) for p in model.parameters() if p.grad is not None), "optim": 0}
+    if optimizer is not None:
+        out["optim"] = sum(size(v) for state in optimizer.state.values() for v in state.values()
+                           if isinstance(v, torch.Tensor))
+    return out
+
+
+__all__ = ["shard", "default_blocks", "clip_grad_norm", "accumulating", "full_state_dict", "local_bytes",
+           "bare_key"]

@@ -1,0 +1,333 @@
+"""Sharded checkpoints (torch.distributed.checkpoint, DCP): every rank writes its own shards of the
+model and optimizer state in parallel into one directory; DCP reshards on load, so a checkpoint
+written by N ranks resumes on M ranks.
+
+Layout of a checkpoint directory `ckpt_dir/NAME` (NAME = last, best, step-00001200):
+    __0_0.distcp, __1_0.distcp, ...  each rank's shards (DCP FileSystemWriter)
+    .metadata                        DCP's index of the shards (written by rank 0 inside dcp.save)
+    extra.pt                         rank 0's plain dict (step, epoch, rng, config...), weights_only
+    COMPLETE                         JSON {file: size} of all the above, fsynced, written last
+
+The directory is written under a temporary name and put in place by rename once COMPLETE is
+written, so a process killed while saving leaves the previous checkpoint under NAME. Step and best
+copies are hard links to the same (never modified) files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from .errors import UsageError
+from .fsdp import bare_key
+
+log = logging.getLogger("ddp_train")
+MARKER = "COMPLETE"
+EXTRA = "extra.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --- files and directories ---------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory so that no reader ever sees it half-deleted under its own name: rename it
+    to a hidden name first (a leftover .trash-* from a crash is cleaned by the next save)."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); OSError where the
+    platform or file system cannot (macOS, NFS, old kernels)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        raise OSError(errno.ENOSYS, "renameat2 is not available") from None
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Make the complete directory `tmp` appear as `final`, replacing an old `final`.
+
+    Where the file system can swap two directories atomically, a reader always finds a complete
+    checkpoint under `final`, the old or the new. Elsewhere the old one is renamed to `.NAME.old`
+    first, then the new one in, then the old one deleted: a crash between the two renames leaves
+    `final` missing and `.NAME.old` complete, which `candidates` offers and the next save restores."""
+    if not final.exists():
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        return
+    try:
+        _exchange(tmp, final)
+        _fsync_dir(final.parent)
+        _remove(tmp)  # now the old checkpoint
+        return
+    except OSError as e:
+        log.debug("atomic directory swap unavailable (%s); replacing in two renames", e)
+    old = _old_name(final)
+    _remove(old)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    _remove(old)
+
+
+def _old_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _recover(ckpt_dir: Path) -> None:
+    """Rank 0, before writing: restore a checkpoint a crash left renamed away, drop leftovers."""
+    for old in ckpt_dir.glob(".*.old"):
+        final = ckpt_dir / old.name[1:-len(".old")]
+        if not final.exists() and is_complete(old):
+            os.rename(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for trash in ckpt_dir.glob(".trash-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def is_complete(path: str | Path) -> bool:
+    """True if `path` is a checkpoint directory whose COMPLETE marker exists and lists exactly the
+    files present, with their sizes (a directory killed mid-write, or a copy missing or truncating
+    a file, is not complete)."""
+    path = Path(path)
+    try:
+        listed = json.loads((path / MARKER).read_text())
+        return isinstance(listed, dict) and ".metadata" in listed and EXTRA in listed and listed == _manifest(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_plain(value: Any, where: str = "extra") -> None:
+    """`extra` must load with torch.load(weights_only=True): tensors, numbers, strings, containers."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise UsageError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor))):
+        raise UsageError(f"{where} is a {type(value).__name__}; a checkpoint's extra dict holds "
+                         "tensors and plain values only (str, numbers, lists, dicts): convert it")
+
+
+# --- save, load, export --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every call without a process group, even when told so with no_dist=True."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Model and optimizer state as this rank's shards (DTensors), keyed by parameter names."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _before_commit() -> None:
+    """Test seam: called on rank 0 after all shards and extra.pt are written, before COMPLETE."""
+
+
+def save(ckpt_dir: str | Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None]) -> Path:
+    """Collective (all ranks): write `ckpt_dir/name` as a sharded checkpoint and return its path.
+
+    Each rank writes its own shards into `ckpt_dir/.name.tmp` (cleared first); rank 0 adds
+    `extra` (only its own copy is kept) and, once every rank is done, the COMPLETE marker, then
+    puts the directory in place of any old `name`. Returns when the new checkpoint is in place."""
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
+    _check_plain(extra)
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _recover(ckpt_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    with _single_process_ok():
+        dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(tmp, single_file_per_rank=True,
+                                                                          sync_files=True),
+                 no_dist=not dist.is_initialized())
+    if is_main:
+        _write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
+    barrier()  # every rank's shards are on disk (dcp.save's last collective already implies it)
+    if is_main:
+        _before_commit()
+        manifest = json.dumps(_manifest(tmp), indent=0)
+        _write_synced(tmp / MARKER, lambda f: f.write(manifest.encode()))
+        _fsync_dir(tmp)
+        _put_in_place(tmp, final)
+    barrier()
+    return final
+
+
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Collective (all ranks, any number of them): load the model's (and the optimizer's) state
+    from a sharded checkpoint into the sharded model, in place, and return its `extra` dict. The
+    model must be sharded (or bare) and the optimizer created exactly as when training. Also works
+    in one process without a process group, into a bare model."""
+    path = Path(path)
+    if not is_complete(path):
+        raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker: a save was "
+                         "interrupted); resume from another one (checkpoints/step-*) or start over")
+    state = _state(model, optimizer)
+    with _single_process_ok():
+        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not dist.is_initialized())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_extra(path)
+
+
+def read_extra(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's extra dict (step, epoch...), without a process group."""
+    return torch.load(Path(path) / EXTRA, map_location="cpu", weights_only=True)
+
+
+def export(path: str | Path) -> dict[str, torch.Tensor]:
+    """The bare module's full state dict (plain CPU tensors, keys as in the unwrapped model's
+    state_dict()) from a sharded checkpoint, in this process alone: no process group needed, none
+    used if there is one. Loads only the model's tensors, not the optimizer's."""
+    path = Path(path)
+    if not is_complete(path):
+        raise UsageError(f"{path} is not a complete sharded checkpoint")
+    state: dict[str, Any] = {}
+    # dcp.load itself fills only the keys the given dict already has; the planner that rebuilds
+    # the dict from the checkpoint's metadata needs the lower-level entry point (as in
+    # torch.distributed.checkpoint.format_utils.dcp_to_torch_save, which would also read the
+    # optimizer state).
+    with _single_process_ok():
+        _load_state_dict(state, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return {bare_key(k): v for k, v in state["model"].items()}
+
+
+# --- last, best, step copies ---------------------------------------------------------------------
+
+def link_copy(src: str | Path, dst: str | Path) -> Path:
+    """Not a collective (rank 0): make `dst` a copy of the complete checkpoint `src` whose files
+    are hard links to `src`'s (plain copies where links are not allowed), replacing any old `dst`
+    the same way `save` does."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    for f in [p for p in files if p.name != MARKER] + [p for p in files if p.name == MARKER]:
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copyfile(f, tmp / f.name)
+            with open(tmp / f.name, "rb+") as fd:
+                os.fsync(fd.fileno())
+    _fsync_dir(tmp)
+    _put_in_place(tmp, dst)
+    return dst
+
+
+def candidates(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, `last` first, then step-N newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name)),
+                   key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+    last = ckpt_dir / "last"
+    if not last.exists():
+        last = _old_name(last)  # a crash between the two renames of a non-atomic replacement
+    return [p for p in [last, *steps] if is_complete(p)]
+
+
+def find_latest(ckpt_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the most steps (extra["step"]); None if there is none."""
+    best: tuple[int, Path] | None = None
+    for path in candidates(ckpt_dir):
+        try:
+            step = int(read_extra(path)["step"])
+        except Exception as e:  # an unreadable extra.pt: skip this one, say why
+            log.warning("skipping sharded checkpoint %s (%s)", path, e)
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return best[1] if best else None
+
+
+def purge_steps(ckpt_dir: str | Path, keep: int) -> None:
+    """Rank 0: delete the step-N directories beyond the newest `keep`."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name)),
+                   key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+    for old in steps[keep:]:
+        _remove(old)
+
+
+def write(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+          extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None], best: bool = False,
+          step_dir: bool = False, keep: int = 3) -> Path:
+    """Collective: `last`, plus `best` and `step-NNNNNNNN` (extra["step"]) as hard-linked copies,
+    keeping the newest `keep` step directories (the sharded counterpart of checkpoint.write)."""
+    ckpt_dir = Path(ckpt_dir)
+    last = save(ckpt_dir, "last", model, optimizer, extra, is_main=is_main, barrier=barrier)
+    if is_main:
+        if step_dir:
+            link_copy(last, ckpt_dir / f"step-{int(extra['step']):08d}")
+            purge_steps(ckpt_dir, keep)
+        if best:
+            link_copy(last, ckpt_dir / "best")
+    barrier()
+    return last

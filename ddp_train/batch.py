@@ -45,3 +45,22 @@ def shapes(batch: Any) -> str:
     if isinstance(batch, (list, tuple)):
         return ", ".join(shapes(v) for v in batch)
     return type(batch).__name__
+
+
+def empty_batch(dataset: Any) -> Any:
+    """A batch of zero samples with the structure and shapes of `dataset`'s batches."""
+    from torch.utils.data import default_collate
+
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):  # TensorData: slices are batches
+        return dataset[slice(0, 0)]
+    return _head(default_collate([dataset[0]]))
+
+
+def _head(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return {k: _head(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_head(v) for v in batch)
+    return batch

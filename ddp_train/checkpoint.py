@@ -109,6 +109,15 @@ def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoin
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint to resume: the whole dict, or a sharded checkpoint's dict without the model and
+    optimizer (those load into the sharded model, in place)."""
+    if Path(path).is_dir():
+        from . import sharded
+
+        if not sharded.is_complete(path):
+            raise UsageError(f"{path} is not a complete sharded checkpoint (a save was interrupted); resume from "
+                             "another one (checkpoints/step-*) or start over with --resume never")
+        return sharded.read_extra(path)
     ckpt = load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "version" not in ckpt:
         raise UsageError(f"{path} is not a ddp_train checkpoint (no version/model keys); to start from "
@@ -121,7 +130,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def read(path: str | Path, fix: str = "use another checkpoint") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The one reader for fit's --init-from, evaluate, predict and export: (the bare module's state
-    dict, the whole checkpoint or None for a plain state dict)."""
+    dict, the checkpoint's other contents or None for a plain state dict). A directory is a sharded
+    (FSDP) checkpoint, gathered into one plain state dict in this process."""
+    if Path(path).is_dir():
+        from . import sharded
+
+        if not sharded.is_complete(path):
+            raise UsageError(f"{path} is not a complete sharded checkpoint (a save was interrupted); {fix}")
+        return sharded.export(path), sharded.read_extra(path)
     raw = load(path, fix)
     if isinstance(raw, dict) and "version" in raw and "model" in raw:
         if raw["version"] > FORMAT_VERSION:
@@ -135,26 +151,55 @@ def read(path: str | Path, fix: str = "use another checkpoint") -> tuple[dict[st
 
 
 class Checkpointer:
-    """Collective saves of the run's state (built by `state(rngs)`), and where the newest one is."""
+    """Collective saves of the run's state and where the newest one is. `state(rngs)` builds the
+    checkpoint dict on rank 0. Plain checkpoints: rank 0 writes one file. Sharded (FSDP) ones:
+    every rank writes its shards of `model` and `optimizer`; the rest of the dict goes along."""
 
-    def __init__(self, ckpt_dir: Path, comm: Any, keep: int, state: Callable[[list[Any] | None], dict[str, Any]]):
-        self.ckpt_dir, self.comm, self.keep, self.state = ckpt_dir, comm, keep, state
+    def __init__(self, ckpt_dir: Path, comm: Any, keep: int, state: Callable[[list[Any] | None, bool], dict[str, Any]],
+                 step: Callable[[], int], sharded_with: tuple[Any, Any] | None = None):
+        self.ckpt_dir, self.comm, self.keep, self.state, self.step = ckpt_dir, comm, keep, state, step
+        self.sharded_with = sharded_with  # (model, optimizer) for sharded checkpoints
         self.last: tuple[Path, int] | None = None  # (path, step) of the newest complete checkpoint
 
     def save(self, *, best: bool = False, step_file: bool = False) -> Path:
-        """Every rank's RNG state goes to rank 0, which writes; all wait until it is durable."""
+        """Every rank's RNG state goes to rank 0; all return once the checkpoint is durable."""
         rngs = self.comm.gather_object(rng_state())
-        if self.comm.env.is_main:
-            ckpt = self.state(rngs)
-            write(ckpt, self.ckpt_dir, best=best, step_file=step_file, keep=self.keep)
-        path = self.ckpt_dir / "last.pt"
-        self.last = (path, self.comm.broadcast_object(ckpt["step"] if self.comm.env.is_main else None))
+        main = self.comm.env.is_main
+        if self.sharded_with is not None:
+            from . import sharded
+
+            model, optimizer = self.sharded_with
+            extra = self.state(rngs, False) if main else {}
+            path = sharded.write(self.ckpt_dir, model, optimizer, extra, is_main=main, barrier=self.comm.barrier,
+                                 best=best, step_dir=step_file, keep=self.keep)
+        else:
+            if main:
+                write(self.state(rngs, True), self.ckpt_dir, best=best, step_file=step_file, keep=self.keep)
+            self.comm.barrier()
+            path = self.ckpt_dir / "last.pt"
+        self.last = (path, self.step())
         return path
 
     def describe_last(self) -> str:
         if self.last is None:
             return "no checkpoint was written before it"
         return f"the last good checkpoint is {self.last[0]} (step {self.last[1]})"
+
+
+def find_latest_any(ckpt_dir: Path, sharded_run: bool) -> Path | None:
+    if sharded_run:
+        from . import sharded
+
+        return sharded.find_latest(ckpt_dir)
+    return find_latest(ckpt_dir)
+
+
+def remove_all(ckpt_dir: Path) -> None:
+    """Rank 0, for --resume never --overwrite: every checkpoint of either kind."""
+    for path in candidates(ckpt_dir) + [ckpt_dir / "best.pt"]:
+        path.unlink(missing_ok=True)
+    for folder in [p for p in ckpt_dir.glob("*") if p.is_dir()]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def candidates(ckpt_dir: Path) -> list[Path]:
@@ -192,8 +237,12 @@ def purge_steps(ckpt_dir: Path, keep: int) -> None:
 
 
 def clean_temp_files(ckpt_dir: Path) -> None:
+    """Rank 0, before a run starts: what an interrupted save left (files, or sharded directories)."""
     for tmp in ckpt_dir.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def write(ckpt: dict[str, Any], ckpt_dir: Path, *, best: bool, step_file: bool, keep: int) -> Path:

@@ -91,7 +91,7 @@ FIT_GROUPS: dict[str, str] = {
     **dict.fromkeys(("data", "data_dir", "download", "samples", "val_samples", "input_shape", "classes",
                      "image_size", "augment", "workers", "data_on_device"), "Data"),
     **dict.fromkeys(("model", "hidden", "pretrained", "compile", "channels_last"), "Model"),
-    **dict.fromkeys(("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "optimizer", "lr",
+    **dict.fromkeys(("epochs", "max_steps", "batch_size", "global_batch_size", "eval_batch_size", "grad_accum", "optimizer", "lr",
                      "momentum", "weight_decay", "scheduler", "lr_step_epochs", "lr_gamma", "warmup_steps",
                      "label_smoothing", "clip_grad_norm", "precision", "seed", "deterministic", "skip_nonfinite",
                      "max_skipped"), "Optimisation"),

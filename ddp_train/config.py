@@ -49,7 +49,11 @@ class FitConfig:
     # optimisation
     epochs: int = opt(10, "Epochs to train.", min=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
-    batch_size: int = opt(64, "Batch size PER RANK: the global batch is this x world size x grad-accum.", min=1)
+    batch_size: int = opt(64, "Batch size PER RANK: the global batch is this x world size x grad-accum "
+                          "(with --global-batch-size: the largest micro-batch per rank).", min=1)
+    global_batch_size: int | None = opt(None, "Fix the global batch: each rank takes this / world size, in "
+                                        "micro-batches of at most --batch-size; a run may then resume on another "
+                                        "number of processes and continue the same trajectory.", min=1)
     eval_batch_size: int | None = opt(None, "Evaluation batch size per rank (default: 4 x --batch-size).", min=1)
     lr: float = opt(1e-3, "Learning rate.", positive=True)
     optimizer: str = opt("adam", "Optimizer.", choices=("sgd", "adam", "adamw"))
@@ -84,7 +88,9 @@ class FitConfig:
     patience: int | None = opt(None, "Stop after this many evaluations without improvement.", min=1)
     # distributed
     strategy: str = opt("auto", "auto: DDP if several processes, DataParallel if one process sees "
-                        "several GPUs, else one device.", choices=("auto", "ddp", "dp", "single"))
+                        "several GPUs, else one device; fsdp: parameters, gradients and optimizer state "
+                        "sharded over the ranks (FSDP2), sharded checkpoints.",
+                        choices=("auto", "ddp", "dp", "single", "fsdp"))
     backend: str = opt("auto", "Process-group backend (auto: nccl on CUDA, gloo otherwise).",
                        choices=("auto", "nccl", "gloo"))
     workers: int = opt(0, "DataLoader worker processes per rank.", min=0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -172,14 +174,14 @@ def _torchvision_set(cls_name: str, mean: Sequence[float], std: Sequence[float],
         root = _data_dir(cfg, downloadable=True)
         cls = getattr(torchvision.datasets, cls_name)
         try:
-            train, test = cls(root, train=True, download=cfg.download), cls(root, train=False)
-        except RuntimeError as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"{cls_name} not found under {root} ({reason}); pass --download to fetch it "
+            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints each mirror it tries
+                train, test = cls(root, train=True, download=cfg.download), cls(root, train=False)
+        except (RuntimeError, OSError) as e:
+            if cfg.download:  # no network, or the mirrors failed
+                raise UsageError(f"{cls_name} could not be downloaded into {root} ({_first_line(e).rstrip(':')}); "
+                                 "without a network, copy its files there by hand and drop --download") from None
+            raise UsageError(f"{cls_name} not found under {root} ({_first_line(e)}); pass --download to fetch it "
                              "(rank 0 downloads, the others wait) or point --data-dir at a copy") from None
-        except OSError as e:  # --download without a network
-            raise UsageError(f"{cls_name} could not be downloaded into {root} ({_first_line(e)}); copy the "
-                             "files there by hand and drop --download") from None
         val = _as_tensors(test, mean, std)
         train_set = _as_tensors(train, mean, std)
         if cfg.augment:
@@ -276,10 +278,10 @@ def _user_data(cfg: FitConfig) -> DataBundle:
 
 
 def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
-                 cuda: bool) -> tuple[DataLoader, TrainSampler]:
+                 cuda: bool, global_batch: int | None = None) -> tuple[DataLoader, TrainSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
-    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed)
+    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
     common = _loader_args(ds, workers, cuda, seed)
     if isinstance(ds, TensorData):
         return DataLoader(ds, sampler=sampler, batch_size=None, **common), sampler

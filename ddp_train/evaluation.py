@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .batch import count, move_to
+from .batch import count, empty_batch, move_to
 from .dist import Comm
 from .metrics import ChunkedMetric
 from .sampling import EvalChunks
@@ -29,8 +29,8 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 class Evaluator:
     def __init__(self, task: Task, loader: DataLoader, chunks: EvalChunks, device: torch.device, comm: Comm,
-                 precision: str = "32", channels_last: bool = False):
-        self.task, self.loader, self.chunks = task, loader, chunks
+                 precision: str = "32", channels_last: bool = False, lockstep: bool = False):
+        self.task, self.loader, self.chunks, self.lockstep = task, loader, chunks, lockstep
         self.device, self.comm, self.precision, self.channels_last = device, comm, precision, channels_last
         self.metrics = [ChunkedMetric(name, m) for name, m in task.metrics().items()]
         for m in self.metrics:
@@ -59,14 +59,7 @@ class Evaluator:
         try:
             for chunk_id, batch in zip(self.chunks.chunk_ids(), self.loader):
                 batch = move_to(batch, self.device, self.channels_last)
-                with autocast(self.device, self.precision):
-                    if self.one_forward:
-                        out, target = self.task.eval_step(model, batch)
-                        loss = self.task.criterion(out, target)
-                    else:
-                        loss = self.task.loss(model, batch)
-                        if need_outputs:
-                            out, target = self.task.eval_step(model, batch)
+                loss, out, target = self._forward(model, batch, need_outputs)
                 losses[chunk_id] = loss.double() * count(batch)
                 if stats is not None:
                     stats.update(chunk_id, out.float(), target)
@@ -74,6 +67,8 @@ class Evaluator:
                     states.append((chunk_id, [m.chunk_state(_float(out), target) for m in self.metrics]))
                 if outputs is not None:
                     outputs.append((chunk_id, _float(out).cpu()))
+            if self.lockstep:
+                self._pad(model, need_outputs)
         finally:
             model.train(was_training)
         synced = torch.cat([losses, stats.tensor]) if stats is not None else losses
@@ -85,6 +80,28 @@ class Evaluator:
         if self.metrics:
             results.update(self._metric_results(states))
         return results
+
+    def _forward(self, model: torch.nn.Module, batch: Any, need_outputs: bool) -> tuple[torch.Tensor, Any, Any]:
+        out = target = None
+        with autocast(self.device, self.precision):
+            if self.one_forward:
+                out, target = self.task.eval_step(model, batch)
+                loss = self.task.criterion(out, target)
+            else:
+                loss = self.task.loss(model, batch)
+                if need_outputs:
+                    out, target = self.task.eval_step(model, batch)
+        return loss, out, target
+
+    def _pad(self, model: torch.nn.Module, need_outputs: bool) -> None:
+        """Sharded models gather parameters in every forward, a collective: each rank runs as many
+        forwards as the rank with the most chunks, the missing ones on an empty batch."""
+        most = -(-self.chunks.num_chunks // self.chunks.world_size)
+        missing = most - len(self.chunks.chunk_ids())
+        if missing:
+            empty = move_to(empty_batch(self.loader.dataset), self.device, self.channels_last)
+            for _ in range(missing):
+                self._forward(model, empty, need_outputs)
 
     def _metric_results(self, states: list[tuple[int, list[dict]]]) -> dict[str, float]:
         """Rank 0 merges every chunk's metric states in chunk order and computes; all ranks get it."""

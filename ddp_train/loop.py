@@ -41,13 +41,15 @@ class Trainer:
     """Owns what changes the weights: the wrapped model, optimizer, scheduler and scaler."""
 
     def __init__(self, task: Task, model: torch.nn.Module, wrapped: torch.nn.Module, optimizer: Any,
-                 scheduler: Any, scaler: Any, cfg: FitConfig, device: torch.device):
+                 scheduler: Any, scaler: Any, cfg: FitConfig, device: torch.device, precision: str = "32",
+                 sharded: bool = False):
         self.task, self.model, self.wrapped = task, model, wrapped
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.device, self.precision, self.channels_last = device, cfg.precision, cfg.channels_last
+        self.device, self.precision, self.channels_last = device, precision, cfg.channels_last
         self.clip, self.skip_nonfinite = cfg.clip_grad_norm, cfg.skip_nonfinite
-        inner = getattr(wrapped, "_orig_mod", wrapped)
-        self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
+        self.inner = getattr(wrapped, "_orig_mod", wrapped)
+        self.ddp = self.inner if isinstance(self.inner, torch.nn.parallel.DistributedDataParallel) else None
+        self.sharded = sharded  # FSDP2: gradient sync and clipping through ddp_train.fsdp
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def step(self, micro_batches: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
@@ -58,8 +60,7 @@ class Trainer:
         group = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             batch = move_to(batch, self.device, self.channels_last)
-            last = i == group - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+            with self._sync(last=i == group - 1):
                 with autocast(self.device, self.precision):
                     loss = self.task.loss(self.wrapped, batch)
                 scaled = loss / group
@@ -67,12 +68,25 @@ class Trainer:
             losses.append((loss.detach(), count(batch)))
         return losses, self._apply()
 
+    def _sync(self, last: bool) -> Any:
+        """Gradients are all-reduced (or reduce-scattered) on the last micro-batch only."""
+        if self.sharded:
+            from .fsdp import accumulating
+
+            return accumulating(self.inner, last)
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
     def _apply(self) -> bool:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         applied = True
         if self.clip or self.skip_nonfinite:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or math.inf)
+            if self.sharded:
+                from .fsdp import clip_grad_norm
+
+                norm = clip_grad_norm(self.params, self.clip or math.inf)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or math.inf)
             # Gradients are already all-reduced, so this check (a host sync, opted into) agrees on every rank.
             applied = bool(self.scaler) or not self.skip_nonfinite or bool(torch.isfinite(norm).item())
         if self.scaler:

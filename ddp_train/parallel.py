@@ -1,6 +1,10 @@
-"""The wrap ladder: DDP (several processes) -> DataParallel (one process, several GPUs) -> bare."""
+"""The strategy: DDP (several processes), FSDP2 (several processes, sharded), DataParallel (one
+process, several GPUs), or the bare module. `wrap` returns what trains; the bare module stays the
+handle for state dicts (under FSDP they are the same object: fully_shard works in place)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -8,11 +12,22 @@ from torch import nn
 from .distenv import DistEnv
 from .errors import UsageError
 
+log = logging.getLogger("ddp_train")
 
-def resolve_strategy(strategy: str, env: DistEnv) -> str:
+
+def resolve_strategy(strategy: str, env: DistEnv, precision: str = "32") -> str:
     several_gpus = env.device.startswith("cuda") and env.cuda_devices > 1
     if strategy == "auto":
         return "ddp" if env.distributed else "dp" if several_gpus else "single"
+    if strategy == "fsdp":
+        if precision == "fp16":
+            raise UsageError("--strategy fsdp takes --precision bf16 or 32 (fp16 needs a gradient scaler that "
+                             "understands sharded gradients)")
+        if not env.distributed:
+            log.info("--strategy fsdp in one process: nothing to shard, training the whole model here "
+                     "(checkpoints stay sharded, so the run can move to more processes)")
+            return "single"
+        return "fsdp"
     if strategy == "ddp" and not env.distributed:
         raise UsageError("--strategy ddp needs several processes: launch with "
                          "`torchrun --nproc_per_node=N -m ddp_train fit`, or use --strategy auto")
@@ -24,11 +39,16 @@ def resolve_strategy(strategy: str, env: DistEnv) -> str:
     return strategy
 
 
-def wrap(model: nn.Module, strategy: str, env: DistEnv, compile: bool) -> nn.Module:
+def wrap(model: nn.Module, strategy: str, env: DistEnv, compile: bool, blocks: list[nn.Module] | None = None,
+         precision: str = "32") -> nn.Module:
     """Returns the module to train; `model` stays the bare handle for state dicts and evaluation."""
     if strategy == "ddp":
         ids = [torch.device(env.device).index] if env.device.startswith("cuda") else None
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    elif strategy == "fsdp":
+        from .fsdp import shard
+
+        wrapped = shard(model, blocks, precision=precision, device=env.device)
     elif strategy == "dp":
         wrapped = nn.DataParallel(model)
     else:

@@ -19,11 +19,17 @@ from torch.utils.data import Sampler
 class TrainSampler(Sampler):
     """Yields `(epoch, indices)` per batch of this rank, `indices` a LongTensor, or a slice when
     one rank's batch is the whole data set in its stored order (a full batch needs no gather:
-    a batch's order changes nothing but the summation order of its mean)."""
+    a batch's order changes nothing but the summation order of its mean).
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int):
+    With `global_batch` (G = batch x world size x accumulation), the order is padded to a multiple
+    of G instead of the world size: every step, the epoch's tail included, then consumes the same G
+    samples whatever the world size."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 global_batch: int | None = None):
         self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
-        self.num_samples = math.ceil(n / world_size)  # per rank, as DistributedSampler
+        multiple = global_batch or world_size
+        self.num_samples = math.ceil(n / multiple) * multiple // world_size  # per rank
         self.num_batches = math.ceil(self.num_samples / batch_size)
         self.epoch, self.start = 0, 0
 
@@ -42,7 +48,7 @@ class TrainSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor | slice]]:
         epoch = self.epoch
-        if self.world_size == 1 and self.batch_size >= self.n:
+        if self.world_size == 1 and self.batch_size >= self.n == self.num_samples:
             if self.start == 0:
                 yield epoch, slice(0, self.n)
             return

@@ -38,7 +38,9 @@ from .userfn import user_code
 OUR_FILES = ("config.json", "history.csv", "metrics.jsonl", "history.png")
 
 
-def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> FitResult:
+def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> FitResult:
+    """`settings` are the run's (saved, checked on resume); `cfg` is what this world size runs."""
+    cfg = resolve_batches(settings, env.world_size)
     device = torch.device(env.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -48,25 +50,26 @@ def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> F
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    strategy = resolve_strategy(cfg.strategy, env)
+    strategy = resolve_strategy(cfg.strategy, env, cfg.precision)
+    sharded_run = settings.strategy == "fsdp"
     _seed(cfg.seed)
     origin = f"--task {cfg.task}" if cfg.task else "--model/--data"
 
     splits = rank0_first(lambda: _data(task, cfg), cfg.download, comm)
     check_sizes(splits, env.world_size)
     if isinstance(task, BuiltinTask):
-        cfg = cfg.replace(model=task.model_name)
+        cfg, settings = cfg.replace(model=task.model_name), settings.replace(model=task.model_name)
         if ":" in task.model_name:
             origin = f"--model {task.model_name}"
 
     train_set = splits["train"]
     loader, sampler = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers,
-                                   device.type == "cuda")
+                                   device.type == "cuda", settings.global_batch_size)
     per_epoch, total = plan(cfg, sampler.num_batches)
-    run_dir, ckpt_path = comm.rank0(prepare_run_dir, cfg, env)
+    run_dir, ckpt_path = comm.rank0(prepare_run_dir, settings, env)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:  # before any weights load: name the differing settings, not tensor shapes
-        _check_compatible(ckpt, cfg, env, ckpt_path, total)
+        _check_compatible(ckpt, settings, env, ckpt_path, total)
 
     with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
         model = task.model(cfg)
@@ -74,13 +77,18 @@ def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> F
         raise UsageError(f"{origin.split('/')[0]} must build a torch.nn.Module, got {type(model).__name__}")
     if cfg.init_from and ckpt is None:
         _init_from(model, cfg)
-    if ckpt is not None:
+    if ckpt is not None and not sharded_run:
         checkpoint.load_weights(model, ckpt["model"], str(ckpt_path))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    wrapped = wrap(model, strategy, env, cfg.compile)
+    blocks = task.blocks(model) if strategy == "fsdp" else None
+    wrapped = wrap(model, strategy, env, cfg.compile, blocks, cfg.precision)
     optimizer = _optimizer(cfg, model)
+    if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
+        from . import sharded
+
+        sharded.load(ckpt_path, model, optimizer)
     scheduler = _scheduler(cfg, optimizer, per_epoch, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     if cfg.data_on_device and device.type == "cuda":
@@ -88,7 +96,8 @@ def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> F
     val_loader, chunks = eval_loader(splits["val"], cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
                                      env.world_size, cfg.workers, device.type == "cuda")
     with user_code(origin.split("/")[0], cfg.task, "building its metrics"):
-        evaluator = Evaluator(task, val_loader, chunks, device, comm, cfg.precision, cfg.channels_last)
+        evaluator = Evaluator(task, val_loader, chunks, device, comm, _autocast(cfg, strategy), cfg.channels_last,
+                              lockstep=strategy == "fsdp")
     _check_monitor(cfg, evaluator.names)
 
     main = env.is_main
@@ -96,29 +105,32 @@ def run(cfg: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> F
              "device": env.device, "strategy": strategy, "run_dir": str(run_dir)}
     files = RunFiles(run_dir) if main else NullFiles()
     if main:
-        dump_json(cfg, extra, run_dir / "config.json")
+        dump_json(settings, extra, run_dir / "config.json")
     tracker = Tracker()
     if main and cfg.wandb:
         tracker = make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
-                               {**cfg.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
+                               {**settings.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
     report = Reporter(files, tracker, Progress(cfg.progress) if main else NullProgress())
-    trainer = Trainer(task, model, wrapped, optimizer, scheduler, scaler, cfg, device)
+    trainer = Trainer(task, model, wrapped, optimizer, scheduler, scaler, cfg, device, _autocast(cfg, strategy),
+                      sharded=strategy == "fsdp")
     policy, state = Policy(cfg), TrainState()
 
-    def state_dict(rngs: list[Any] | None) -> dict[str, Any]:
-        return _checkpoint_dict(trainer, state, policy, cfg, env, total, tracker, rngs)
+    def state_dict(rngs: list[Any] | None, with_tensors: bool) -> dict[str, Any]:
+        return _checkpoint_dict(trainer, state, policy, settings, cfg, env, total, tracker, rngs, with_tensors)
 
-    saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict)
+    saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
+                                    (model, optimizer) if sharded_run else None)
     loop = Loop(cfg=cfg, comm=comm, trainer=trainer, loader=loader, sampler=sampler, evaluator=evaluator,
                 policy=policy, save=saver.save, last_good=saver.describe_last, report=report, preempt=preempt,
                 total_steps=total, world_size=env.world_size, origin=origin, state=state)
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
              env.launcher, env.world_size, env.backend, env.device, strategy, run_dir)
     if ckpt is not None:
-        _restore(trainer, state, policy, ckpt)
+        _restore(trainer, state, policy, ckpt, per_rank_samples=cfg.batch_size * env.world_size,
+                 optimizer_too=not sharded_run)
         saver.last = (Path(ckpt_path), state.step)
         files.truncate_after(state.step)
-        checkpoint.set_rng_state(ckpt["rng"][env.rank])
+        checkpoint.set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])  # another world size: by rank
         log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
                  state.epoch + (state.batch_in_epoch > 0), state.step, state.batch_in_epoch // cfg.grad_accum,
                  per_epoch)
@@ -161,6 +173,25 @@ def _data(task: Task, cfg: FitConfig) -> dict[str, Any]:
     return splits
 
 
+def resolve_batches(settings: FitConfig, world_size: int) -> FitConfig:
+    """With --global-batch-size G: each rank takes G / world size, in the fewest equal micro-batches
+    of at most --batch-size (gradient accumulation makes up the rest)."""
+    g = settings.global_batch_size
+    if g is None:
+        return settings
+    if g % world_size:
+        raise UsageError(f"--global-batch-size {g} does not divide over {world_size} ranks; use a multiple of "
+                         f"{world_size}, or another number of processes")
+    per_rank = g // world_size
+    accum = next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= settings.batch_size)
+    return settings.replace(batch_size=per_rank // accum, grad_accum=accum)
+
+
+def _autocast(cfg: FitConfig, strategy: str) -> str:
+    """FSDP's mixed-precision policy casts by itself: no autocast on top of it."""
+    return "32" if strategy == "fsdp" else cfg.precision
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -201,29 +232,36 @@ def prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
     checkpoint.clean_temp_files(ckpt_dir)
     resume = cfg.resume
     if env.restart_count > 0:  # a restart or requeue of this very launch continues its own run
-        latest = checkpoint.find_latest(ckpt_dir)
+        latest = checkpoint.find_latest_any(ckpt_dir, cfg.strategy == "fsdp")
         if latest is not None:
             return run_dir, latest
         cfg = cfg.replace(overwrite=True)  # nothing was saved yet: the partial files may go
     if resume not in ("auto", "never"):
         return run_dir, Path(resume)
-    existing = checkpoint.candidates(ckpt_dir) + [run_dir / f for f in OUR_FILES if (run_dir / f).exists()]
+    sharded_run = cfg.strategy == "fsdp"
+    existing = [run_dir / f for f in OUR_FILES if (run_dir / f).exists()]
     if resume == "never":
-        if existing and not cfg.overwrite:
+        if (existing or any(ckpt_dir.iterdir())) and not cfg.overwrite:
             raise UsageError(f"{run_dir} already holds a run; pass --overwrite to replace it, --resume auto "
                              "to continue it, or another --run-dir")
-        for path in existing + [ckpt_dir / "best.pt"]:
+        for path in existing:
             path.unlink(missing_ok=True)
+        checkpoint.remove_all(ckpt_dir)
         return run_dir, None
-    return run_dir, checkpoint.find_latest(ckpt_dir)
+    return run_dir, checkpoint.find_latest_any(ckpt_dir, sharded_run)
 
 
 def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path, total: int) -> None:
     saved = ckpt.get("config", {})
     diffs = [f"{option_name(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
              if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
-    if ckpt.get("world_size", env.world_size) != env.world_size:
-        diffs.append(f"world size {ckpt['world_size']} -> {env.world_size}")
+    old_world = ckpt.get("world_size", env.world_size)
+    if old_world != env.world_size and not cfg.global_batch_size:
+        diffs.append(f"world size {old_world} -> {env.world_size}: a run continues on another number of processes "
+                     "only with a fixed --global-batch-size")
+    elif old_world != env.world_size:
+        log.info("world size %d -> %d: the same global batch of %d, the same trajectory", old_world, env.world_size,
+                 cfg.global_batch_size)
     if cfg.scheduler in ("cosine", "onecycle") and ckpt.get("total_steps", total) != total:
         diffs.append(f"total steps {ckpt['total_steps']} -> {total} (the {cfg.scheduler} schedule's length; "
                      "keep --epochs/--max-steps)")
@@ -272,20 +310,24 @@ def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, per_epoch: int,
     return ramp if main is None else sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, cfg: FitConfig, env: DistEnv,
-                     total: int, tracker: Tracker, rngs: list[Any] | None) -> dict[str, Any]:
+def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, settings: FitConfig, cfg: FitConfig,
+                     env: DistEnv, total: int, tracker: Tracker, rngs: list[Any] | None,
+                     with_tensors: bool) -> dict[str, Any]:
+    """The checkpoint dict; without the model and optimizer for sharded checkpoints (DCP writes those)."""
+    tensors = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()} if with_tensors else {}
     return {
         "version": checkpoint.FORMAT_VERSION,
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        **tensors,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch, "status": st.status,
+        # world-size independent position in the epoch, for a resume on another number of processes
+        "samples_in_epoch": st.batch_in_epoch * cfg.batch_size * env.world_size,
         "rng": rngs,
         "best": policy.best,
         "early_stopping": policy.state_dict(),
         "train_loss": [st.loss_sum, st.loss_count],
-        "config": cfg.to_dict(),
+        "config": settings.to_dict(),
         "world_size": env.world_size,
         "total_steps": total,
         "wandb_run_id": tracker.run_id,
@@ -293,15 +335,19 @@ def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, cfg: FitC
     }
 
 
-def _restore(trainer: Trainer, st: TrainState, policy: Policy, ckpt: dict[str, Any]) -> None:
+def _restore(trainer: Trainer, st: TrainState, policy: Policy, ckpt: dict[str, Any], per_rank_samples: int,
+             optimizer_too: bool) -> None:
     """Everything but the model weights (loaded before wrapping) and the RNG (restored last)."""
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if optimizer_too:
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
     if trainer.scheduler is not None and ckpt.get("scheduler") is not None:
         trainer.scheduler.load_state_dict(ckpt["scheduler"])
     if trainer.scaler and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     st.loss_sum, st.loss_count = ckpt.get("train_loss", [0.0, 0.0])
     st.epoch, st.step, st.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+    if "samples_in_epoch" in ckpt:  # micro-batches of this world size
+        st.batch_in_epoch = ckpt["samples_in_epoch"] // per_rank_samples
     st.status = ckpt.get("status", "running")
     policy.load_state_dict(ckpt.get("best"), ckpt.get("early_stopping", {}))
 

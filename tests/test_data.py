@@ -118,6 +118,15 @@ def test_missing_mnist_is_a_clear_error(tmp_path):
         build_data(FitConfig(data="cifar10"))
 
 
+@pytest.mark.slow
+def test_download_without_a_network_is_one_clear_line(tmp_path, capfd):
+    with pytest.raises(UsageError) as exc:
+        build_data(FitConfig(data="mnist", data_dir=str(tmp_path), download=True))
+    message = str(exc.value)
+    assert "\n" not in message and "could not be downloaded" in message and "drop --download" in message
+    assert capfd.readouterr().out == ""
+
+
 def test_imagefolder_from_generated_pngs(tmp_path):
     from PIL import Image
     for split in ("train", "val"):

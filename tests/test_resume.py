@@ -75,7 +75,9 @@ def test_sigterm_saves_within_a_step_and_resume_matches(tmp_path):
     """SIGTERM to torchrun (forwarded to both ranks) mid-epoch: checkpoint, exit 3; resume equals
     an uninterrupted run."""
     run_dir = tmp_path / "pre"
-    proc = subprocess.Popen(fit_cmd(2, *LONG, "--run-dir", str(run_dir)), env=base_env(), cwd=ROOT,
+    # saving a step file every step: the preemption checkpoint is a step file too
+    proc = subprocess.Popen(fit_cmd(2, *LONG, "--run-dir", str(run_dir), "--save-every", "1", "--keep", "2"),
+                            env=base_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: any(e["event"] == "train" and e["step"] >= 20 for e in _events(run_dir)), 120,
               "training to start")
@@ -89,6 +91,7 @@ def test_sigterm_saves_within_a_step_and_resume_matches(tmp_path):
     assert f"run the same command again, or: torchrun --standalone --nproc_per_node=2 -m ddp_train fit --run-dir {run_dir}" in err
     ckpt = _ckpt(run_dir / "checkpoints" / "last.pt")
     assert 20 <= ckpt["step"] < 2 * 64 and ckpt["batch_in_epoch"] > 0
+    assert (run_dir / "checkpoints" / f"step-{ckpt['step']:08d}.pt").is_file()
     resumed = run_fit(2, *LONG, "--run-dir", str(run_dir))
     assert f"step {ckpt['step']}" in resumed.stderr
     run_fit(2, *LONG, "--run-dir", str(tmp_path / "ref"))

@@ -35,7 +35,7 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     from .distenv import DistEnv
     from .log import setup_logging
     from .preempt import PreemptFlag
-    from .task import from_config
+    from .task import absolute_spec, check_settings, from_config
 
     options = check_types(options, "fit()")
     if cfg is None:
@@ -46,6 +46,8 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
         raise TypeError(f"fit() takes a ddp_train.Task, got {type(task).__name__}")
     if task is None:
         task = from_config(cfg)
+        if cfg.task:  # every constructor argument, defaults included, is a setting of the run
+            cfg = cfg.replace(task=absolute_spec(cfg.task), task_args=check_settings(task) or None)
     else:
         cfg = train.describe_task(task, cfg)
     env = DistEnv.from_environ(os.environ, cuda_devices=torch.cuda.device_count(), backend=cfg.backend)

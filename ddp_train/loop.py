@@ -225,17 +225,18 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             epoch_ended = st.batch_in_epoch >= batches
             if epoch_ended:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            # A vote may still be in flight on the control group: the collectives below queue
+            # behind it in the same order on every rank, and its answer is read at the next step.
             if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):
-                comm.end_votes()
                 sync_loss()
                 last_row, stop = _evaluate(run, t0)
                 if stop:
+                    comm.end_votes()
                     return "early_stop", last_row
             elif run.policy.step_file_due(st.step):
-                comm.end_votes()
                 sync_loss()
                 run.save(step_file=True)
-        comm.end_votes()
+    comm.end_votes()
     return "done", last_row
 
 

@@ -102,8 +102,14 @@ def spec_of(task: Task) -> str:
     if module == "__main__" or module.startswith("ddp_train_user_"):
         path = getattr(sys.modules.get(module), "__file__", None)
         if path:
-            return f"{os.path.relpath(path)}:{cls.__qualname__}"
+            return f"{os.path.abspath(path)}:{cls.__qualname__}"
     return f"{module}:{cls.__qualname__}"
+
+
+def absolute_spec(spec: str) -> str:
+    """`path/file.py:Class` with an absolute path, so that the tools find it from anywhere."""
+    path, _, name = spec.rpartition(":")
+    return f"{os.path.abspath(path)}:{name}" if path.endswith(".py") and os.path.isfile(path) else spec
 
 
 def check_settings(task: Task) -> dict[str, Any]:

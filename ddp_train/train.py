@@ -132,8 +132,7 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         files.truncate_after(state.step)
         checkpoint.set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])  # another world size: by rank
         log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
-                 state.epoch + (state.batch_in_epoch > 0), state.step, state.batch_in_epoch // cfg.grad_accum,
-                 per_epoch)
+                 state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch)
         stopped = state.status == "early_stop" and cfg.patience and policy.bad_evals >= cfg.patience
         if stopped or state.step >= total or state.epoch >= cfg.epochs:
             more = "raise --patience" if stopped else "raise --epochs or --max-steps"

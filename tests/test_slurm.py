@@ -232,3 +232,16 @@ def test_preempt_requeue_resume(submit, reference, script, launcher, scancel):
     expected, got = model_of(reference.run_dir), model_of(job.run_dir)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed run's weights differ from the reference"
+
+
+@pytest.mark.parametrize("script", ["single-node", "srun-ranks"])
+def test_a_users_own_script(submit, script):
+    """SCRIPT=...: the sbatch scripts run a user's Python script that calls ddp_train.fit."""
+    job = submit(script, {"SCRIPT": str(ROOT / "tests" / "fixtures" / "train_script.py"),
+                          "PYTHON": sys.executable, "PREEMPT_SIGNAL": "USR1" if script == "srun-ranks" else ""})
+    info = job.wait({"COMPLETED"}, timeout=240)
+    text = job.text()
+    assert info["ExitCode"] == "0:0", text
+    assert count(r"ddp_train: launcher=\w+ world_size=2 ", text) == 1, text
+    assert count(r"script result: done at step 14", text) == 2, text  # each rank's fit() returns
+    assert (job.run_dir / "checkpoints" / "last.pt").is_file()

@@ -1,4 +1,4 @@
-"""Commands around training (evaluate, predict, summary, plot, env, bench).
+"""Commands around training (evaluate, predict, summary, export, plot, env, bench).
 
 Each module defines a typer-style function whose imports of torch happen inside it, so that
 `ddp-train --help` stays fast; COMMANDS maps command names to them.
@@ -9,6 +9,7 @@ import inspect
 from .bench import bench
 from .environment import env
 from .evaluate import evaluate
+from .export import export
 from .plot import plot
 from .predict import predict
 from .summary import summary
@@ -21,4 +22,4 @@ def _keep_examples(fn):
     return fn
 
 
-COMMANDS: dict = {fn.__name__: _keep_examples(fn) for fn in (evaluate, predict, summary, plot, env, bench)}
+COMMANDS: dict = {fn.__name__: _keep_examples(fn) for fn in (evaluate, predict, summary, export, plot, env, bench)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -10,21 +10,25 @@ MB = 1024 ** 2
 
 
 def summary(
-    model: Annotated[str, typer.Option("--model", help="mlp, cnn, linear, a torchvision model name, "
-                                       "or package.module:function.", show_default=False)],
-    input_shape: Annotated[str, typer.Option("--input-shape", help="One sample's shape: C,H,W (or F).",
-                                             show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", help="mlp, cnn, linear, a torchvision model name, "
+                                                 "or package.module:function.", show_default=False)] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape: C,H,W (or F).",
+                                                       show_default=False)] = None,
     classes: Annotated[int, typer.Option("--classes", min=1, help="Outputs of the model (classes, or "
                                          "regression targets).")] = 10,
     hidden: Annotated[str, typer.Option("--hidden", help="Hidden widths of --model mlp.")] = "128,64",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch of the dummy pass "
                                             "(scales the activation estimate).")] = 1,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", "-c", help="Instead of --model: the "
+                          "model (built-in or your Task's) of a run's checkpoint, on one real validation "
+                          "batch.", show_default=False)] = None,
 ) -> None:
     """Layers, output shapes, parameter counts and memory of a model (like torchkeras' summary).
 
     Runs one forward pass on a dummy batch (in eval mode, on the CPU) with a hook on every
-    layer. Memory estimates assume the parameters' dtype; forward/backward counts each layer's
-    output twice (the activation and its gradient).
+    layer; with --checkpoint, the run's own model (a Task's too) on a real validation batch.
+    Memory estimates assume the parameters' dtype; forward/backward counts each layer's output
+    twice (the activation and its gradient).
 
     Examples:
 
@@ -32,7 +36,7 @@ def summary(
 
       ddp-train summary --model resnet18 --input-shape 3,224,224 --classes 1000
 
-      ddp-train summary --model mlp --input-shape 64 --hidden 256,128
+      ddp-train summary --checkpoint runs/char-lm/checkpoints/last.pt --batch-size 8
     """
     import torch
 
@@ -40,20 +44,56 @@ def summary(
     from ..errors import UsageError
     from ..models import build_model
 
-    shape = parse_shape(input_shape, "--input-shape")
-    net = build_model(model, shape, classes, parse_shape(hidden, "--hidden"))
+    if checkpoint:
+        net, forward, input_numel = _from_checkpoint(checkpoint, batch_size)
+    elif model and input_shape:
+        shape = parse_shape(input_shape, "--input-shape")
+        net = build_model(model, shape, classes, parse_shape(hidden, "--hidden"))
+        dummy = torch.randn(batch_size, *shape)
+        forward, input_numel = (lambda m: m(dummy)), dummy.numel()
+    else:
+        raise UsageError("summary needs --model and --input-shape, or --checkpoint of a run")
     try:
-        rows = layer_rows(net, torch.randn(batch_size, *shape))
+        rows = layer_rows(net, forward)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise UsageError(f"--model {model} does not take input of shape {shape} ({first}); pass the shape "
-                         "of one sample the model was built for with --input-shape") from None
+        if checkpoint:
+            raise UsageError(f"{checkpoint}: the model failed on a validation batch ({first})") from None
+        raise UsageError(f"--model {model} does not take input of shape {shape} ({first}); pass the shape of "
+                         "one sample the model was built for with --input-shape") from None
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    typer.echo(render(rows, total, trainable, batch_size * _numel(shape), _bytes_per(net)))
+    typer.echo(render(rows, total, trainable, input_numel, _bytes_per(net)))
 
 
-def layer_rows(net: Any, batch: Any) -> list[tuple[str, str, list[int], int, int]]:
+def _from_checkpoint(path: str, batch_size: int) -> tuple[Any, Any, int]:
+    """The run's model with its weights, and a forward over `batch_size` validation samples run
+    through the task's own eval_step (so a Task's batches of any structure work)."""
+    from torch.utils.data import default_collate
+
+    from ..batch import count
+    from ..dist import Comm
+    from ..distenv import DistEnv
+    from ._loading import load
+
+    loaded = load(path, "val", Comm(DistEnv.from_environ({})), data=None, data_dir=None, model=None, config=None)
+    ds = loaded.dataset
+    n = min(batch_size, len(ds))
+    batch = ds[slice(0, n)] if hasattr(ds, "x") else default_collate([ds[i] for i in range(n)])
+    numel = sum(t.numel() for t in _tensors(batch)) if count(batch) else 0
+    return loaded.model, lambda m: loaded.task.eval_step(m, batch), numel
+
+
+def _tensors(batch: Any) -> list:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def layer_rows(net: Any, forward: Any) -> list[tuple[str, str, list[int], int, int]]:
     """(name, type, output shape, new parameters, output elements) per call of each leaf layer.
     A layer called twice (a shared ReLU) shows its parameters on its first call only."""
     import torch
@@ -76,7 +116,7 @@ def layer_rows(net: Any, batch: Any) -> list[tuple[str, str, list[int], int, int
         was_training = net.training
         net.eval()
         with torch.no_grad():
-            net(batch)
+            forward(net)
         net.train(was_training)
     finally:
         for h in handles:

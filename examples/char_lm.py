@@ -65,13 +65,13 @@ class TinyGPT(nn.Module):
 
 
 class CharLM(Task):
-    def __init__(self, block: int = 32, n_embd: int = 48, n_layer: int = 2, n_head: int = 4, dropout: float = 0.1):
+    def __init__(self, block: int = 32, n_embd: int = 48, n_layer: int = 2, n_head: int = 4, dropout: float = 0.3):
         self.block, self.n_embd, self.n_layer, self.n_head, self.dropout = block, n_embd, n_layer, n_head, dropout
         self.chars = sorted(set(TEXT))
 
     def data(self, cfg):
         ids = torch.tensor([self.chars.index(c) for c in TEXT])
-        cut = int(0.9 * len(ids))
+        cut = int(0.8 * len(ids))
         return {"train": Chars(ids[:cut], self.block), "val": Chars(ids[cut:], self.block)}
 
     def model(self, cfg):

@@ -62,7 +62,7 @@ def test_task_from_the_command_line_with_task_args(tmp_path):
             "--max-steps", "4", "--batch-size", "16", "--run-dir", str(run_dir), "--no-progress"]
     run_fit(1, *opts)
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["task_args"] == {"block": 32, "n_embd": 16, "n_layer": 1, "n_head": 4, "dropout": 0.1}
+    assert saved["task_args"] == {"block": 32, "n_embd": 16, "n_layer": 1, "n_head": 4, "dropout": 0.3}
     changed = run_fit(1, *[o.replace("n_layer=1", "n_layer=2") for o in opts], check=False)
     assert changed.returncode == 2
     assert "cannot resume" in changed.stderr and "--task-arg" in changed.stderr and "'n_layer': 1" in changed.stderr

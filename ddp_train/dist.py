@@ -6,7 +6,6 @@ Every method of `Comm` is a collective unless it says otherwise: call it on all 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
 import threading
@@ -105,6 +104,12 @@ class Comm:
             raise value
         return value
 
+    def close(self) -> None:
+        """Not a collective: drop this object's hold on the control group and the store, so that
+        destroying the groups frees them here, in the calling thread."""
+        self.end_votes()
+        self._control = self._store = None
+
     def announce_failure(self, message: str) -> None:
         """Not a collective: tell the other ranks' watchdogs that this rank is going down."""
         if self._store is None or not self.active:
@@ -131,6 +136,13 @@ class _Watchdog(threading.Thread):
         super().__init__(name="ddp_train-watchdog", daemon=True)
         self.comm, self.interval, self.grace = comm, interval, grace
         self.stopped = threading.Event()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Not a collective. Returns once the thread has ended (it wakes at once from its wait;
+        a store call in flight is given `timeout` seconds)."""
+        self.stopped.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout)
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -175,15 +187,17 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
     try:
         yield comm
     except BaseException as e:
-        watchdog.stopped.set()
+        watchdog.stop()
         if not isinstance(e, (PeerFailure, AgreedError, SystemExit, KeyboardInterrupt)):
             comm.announce_failure(f"{type(e).__name__}: {e}".splitlines()[0][:300])
         raise
     comm.barrier()
-    watchdog.stopped.set()
-    # DDP's reducer and the control group must go before the default group: gloo aborts the
-    # process ("terminate called without an active exception") when its threads outlive it.
-    gc.collect()
+    # The watchdog must be gone before the groups are: if its thread dropped the last reference to
+    # the Comm (and with it a process group) while the interpreter exits, the group's destructor
+    # would release the GIL in a thread that Python then ends, and the process aborts
+    # ("terminate called without an active exception"). Joined, it wakes at once from its wait.
+    watchdog.stop()
+    comm.close()
     dist.destroy_process_group(control)
     dist.destroy_process_group()
 

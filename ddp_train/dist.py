@@ -5,7 +5,9 @@ Every method of `Comm` is a collective unless it says otherwise: call it on all 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -169,6 +171,7 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
 
     On an exception the group is not destroyed (that could wait on a dead peer): the process exits.
     """
+    _quick_interpreter_exit()
     if not env.distributed:
         yield Comm(env)
         return
@@ -200,6 +203,22 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
     comm.close()
     dist.destroy_process_group(control)
     dist.destroy_process_group()
+
+
+def _quick_interpreter_exit() -> None:
+    """At interpreter exit, freeze the garbage collector's ~1M tracked objects (most of them
+    torch's), so that the exit's final collections do not walk them: with torch imported they take
+    ~0.3 s of the ~0.45 s an exit costs, on every rank. Objects that reference counting frees are
+    still finalised as usual (files are flushed and closed); only objects left in reference cycles
+    at exit go to the OS unfinalised, which Python does not promise to finalise anyway. atexit
+    handlers registered earlier (logging's flush) or later (wandb's) all still run."""
+    global _exit_freeze_registered
+    if not _exit_freeze_registered:
+        _exit_freeze_registered = True
+        atexit.register(gc.freeze)
+
+
+_exit_freeze_registered = False
 
 
 def _store(env: DistEnv, timeout: timedelta, client: bool = False) -> Any:

@@ -5,9 +5,11 @@ Every method of `Comm` is a collective unless it says otherwise: call it on all 
 
 from __future__ import annotations
 
+import _io
 import atexit
 import contextlib
 import gc
+import io
 import os
 import sys
 import threading
@@ -219,6 +221,42 @@ def _quick_interpreter_exit() -> None:
 
 
 _exit_freeze_registered = False
+_IOBASE = _io._IOBase  # the C base of every file object (io.IOBase is an ABC over it)
+
+
+def exit_process(code: int) -> None:
+    """Not a collective: end this process with exit status `code`, without the interpreter's
+    teardown (0.1-0.4 s with torch loaded, on every rank, before a launcher sees the exit).
+
+    Nothing the normal exit would save is lost: if another non-daemon thread is alive (a normal
+    exit would wait for it) this is a plain `sys.exit`. Otherwise the atexit handlers run (logging's
+    flush, wandb's, multiprocessing's join of child processes, weakref finalizers such as temporary
+    directories), then every file object still open is closed, wrappers before what they wrap
+    (what the interpreter's teardown would do for files held by live objects), the standard
+    streams are flushed, and the process ends with `os._exit(code)`. What is skipped: `__del__`
+    methods other than files' and C++ static destructors (nothing to save: the process groups
+    are destroyed by `distributed`)."""
+    main = threading.main_thread()
+    if threading.current_thread() is not main or any(
+            t.is_alive() and not t.daemon and t is not main for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    gc.unfreeze()  # the exit handler froze them; get_objects() lists only unfrozen objects
+    std = {id(f) for s in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+           if s is not None for f in (s, getattr(s, "buffer", None), getattr(getattr(s, "buffer", None), "raw", None))}
+    files = [o for o in gc.get_objects() if _IOBASE in type(o).__mro__ and id(o) not in std]
+    # Text wrappers, then other Python-level files (gzip, ...), then buffers, then raw files.
+    rank = {io.TextIOWrapper: 0, io.BufferedWriter: 2, io.BufferedRandom: 2, io.BufferedReader: 2,
+            io.BufferedRWPair: 2, io.FileIO: 3}
+    for f in sorted(files, key=lambda f: rank.get(type(f), 1)):
+        with contextlib.suppress(Exception):
+            if not f.closed:
+                f.close()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
 
 
 def _store(env: DistEnv, timeout: timedelta, client: bool = False) -> Any:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .distenv import DistEnv
 from .errors import EXIT_CRASH, AgreedError, PeerFailure
+from .stopvote import StopVote
 
 
 
@@ -34,7 +35,7 @@ class Comm:
         self.abort_key = "ddp_train/abort"
         self._control = control
         self._store = store
-        self._vote: tuple[Any, torch.Tensor] | None = None
+        self._votes = StopVote(control)
 
     @property
     def active(self) -> bool:
@@ -59,26 +60,24 @@ class Comm:
         return bool(t.item())
 
     def vote_any(self, flag: bool) -> bool:
-        """Start a vote on `flag` and return the previous call's result (False the first time).
-
-        The all-reduce runs in the background while the next step computes, so asking every step
-        costs no wait; a request is acted on one step later, identically on every rank."""
+        """Record this rank's `flag` (call once per optimizer step, on every rank); True on every
+        rank, at the same step, once any rank has passed True: at the next call. Costs no wait:
+        the answer travels while a step computes, inside DDP's gradient all-reduce after `attach`,
+        else on the control group (ddp_train/stopvote.py)."""
         if not self.active:
             return flag
-        previous = False
-        if self._vote is not None:
-            work, t = self._vote
-            work.wait()
-            previous = bool(t.item())
-        t = torch.tensor([int(flag)], dtype=torch.int32)
-        self._vote = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control, async_op=True), t)
-        return previous
+        return self._votes.vote(flag)
+
+    def attach(self, ddp: Any) -> bool:
+        """Carry `vote_any` inside `ddp`'s gradient all-reduce (a DistributedDataParallel module):
+        no collective of its own per step. Call on every rank before the first step, or on none.
+        False (and nothing changes) where that does not apply: one process, or a CUDA model."""
+        return self.active and self._votes.attach(ddp)
 
     def end_votes(self) -> None:
-        """Wait for the vote in flight, so that no collective outlives the loop."""
-        if self._vote is not None:
-            self._vote[0].wait()
-            self._vote = None
+        """Wait for a vote in flight, so that no collective outlives the loop."""
+        if self.active:
+            self._votes.end()
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         if not self.active:
@@ -112,7 +111,7 @@ class Comm:
         """Not a collective: drop this object's hold on the control group and the store, so that
         destroying the groups frees them here, in the calling thread."""
         self.end_votes()
-        self._control = self._store = None
+        self._control = self._store = self._votes.group = None
 
     def announce_failure(self, message: str) -> None:
         """Not a collective: tell the other ranks' watchdogs that this rank is going down."""

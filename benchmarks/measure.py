@@ -28,6 +28,18 @@ def steady_throughput(events: list[dict]) -> dict[str, float]:
             "windows": len(windows)}
 
 
+def steady_step_s(events: list[dict], event: str, warmup: int = 10) -> dict[str, float]:
+    """Seconds per step from the times of one `event` per step (e.g. `train` with --log-every 1,
+    or `eval` when every epoch is one step), skipping the first `warmup` steps (fewer on short
+    runs: a quarter of them at most). `median` is the headline figure, as for throughput."""
+    times = [e["time"] for e in events if e["event"] == event]
+    skip = min(warmup, len(times) // 4)
+    gaps = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
+    if not gaps:
+        raise ValueError(f"no steady-state step: need at least two `{event}` events after warm-up")
+    return {"median": statistics.median(gaps), "mean": sum(gaps) / len(gaps), "steps": len(gaps)}
+
+
 def rank_peaks_mb(rss_dir: Path, world_size: int) -> list[float]:
     """Peak RSS of every rank in MB (MiB), rank order."""
     peaks = []

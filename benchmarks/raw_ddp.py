@@ -15,13 +15,11 @@ measures both tools with one function. Every rank prints one JSON line `{"rank",
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,9 +29,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-# workload: (data set, global batch, epochs, learning rate)
-WORKLOADS = {"cnn": dict(global_batch=128, epochs=1, samples=16384, val_samples=1000),
-             "digits": dict(global_batch=64, epochs=10)}
+import common  # benchmarks/common.py: the data, models and events every tool shares
+from common import Log, build_model
+
+WORKLOADS = {k: v for k, v in common.WORKLOADS.items() if k in ("cnn", "digits")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,76 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# --- data: identical to ddp-train's when it is importable ------------------------------------------
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the checkout's ddp_train importable
-    sys.path.append(str(REPO))
-
-def synthetic_data(samples: int, val_samples: int) -> tuple[TensorDataset, TensorDataset]:
-    """1x28x28 images, 10 classes: a random prototype per class plus noise (ddp_train's generator)."""
-    try:
-        from ddp_train.config import FitConfig
-        from ddp_train.data import synthetic
-        bundle = synthetic(FitConfig(data="synthetic", samples=samples, val_samples=val_samples))
-        return TensorDataset(bundle.train.x, bundle.train.y), TensorDataset(bundle.val.x, bundle.val.y)
-    except ImportError:
-        pass
-    g = torch.Generator().manual_seed(1234)
-    protos = torch.randn(10, 1, 28, 28, generator=g)
-
-    def make(n: int) -> TensorDataset:
-        y = torch.randint(10, (n,), generator=g)
-        return TensorDataset(protos[y] + 1.5 * torch.randn(n, 1, 28, 28, generator=g), y)
-
-    return make(samples), make(val_samples)
-
-
-def digits_data() -> tuple[TensorDataset, TensorDataset]:
-    """sklearn's shipped 8x8 digits, scaled to [0, 1], the same seeded 80/20 split as ddp_train."""
-    try:
-        from ddp_train.config import FitConfig
-        from ddp_train.data import digits
-        bundle = digits(FitConfig(data="digits"))
-        return TensorDataset(bundle.train.x, bundle.train.y), TensorDataset(bundle.val.x, bundle.val.y)
-    except ImportError:
-        pass
-    import sklearn
-
-    with gzip.open(Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz", "rt") as f:
-        rows = torch.tensor([[float(v) for v in line.split(",")] for line in f])
-    x, y = rows[:, :-1] / 16.0, rows[:, -1].long()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    n_val = round(len(x) * 0.2)
-    tr, va = perm[n_val:], perm[:n_val]
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
-
-
-def build_model(workload: str) -> nn.Module:
-    if workload == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.MaxPool2d(2), nn.Conv2d(32, 64, 5), nn.MaxPool2d(2),
-            nn.Dropout2d(0.1), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-            nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                         nn.Linear(64, 10))
-
-
 # --- the loop ---------------------------------------------------------------------------------------
-
-class Log:
-    """metrics.jsonl on rank 0; nothing elsewhere."""
-
-    def __init__(self, path: Path | None, rank: int):
-        self.f = None
-        if path is not None and rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = path.open("w", buffering=1)
-
-    def __call__(self, event: str, **fields) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
-
 
 def init_process_group() -> tuple[int, int]:
     if "RANK" in os.environ:  # torchrun
@@ -148,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_size_per_rank = spec["global_batch"] // world_size
     log = Log(args.metrics, rank)
 
-    if args.workload == "cnn":
-        train, val = synthetic_data(args.samples or spec["samples"], spec["val_samples"])
-    else:
-        train, val = digits_data()
+    train, val = common.load(args.workload, args.samples)
     torch.manual_seed(args.seed)
     model = DDP(build_model(args.workload))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -173,6 +173,9 @@ def _usage_message(e: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script. With `argv` (tests, embedding) it ends in SystemExit as usual; as the
+    process's own entry point it skips the interpreter's teardown after a job (see exit_process)."""
+    entry_point = argv is None
     argv = (sys.argv[1:] if argv is None else argv) or ["--help"]  # bare `ddp-train`: help, exit 0, no error
     rank = rank_of(os.environ)
     debug = "--debug" in argv
@@ -203,4 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         print(f"error: [rank {rank}] crashed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if entry_point and "ddp_train.dist" in sys.modules:  # a job ran (fit, evaluate, predict)
+        from .dist import exit_process
+
+        exit_process(code)
+    sys.exit(code)

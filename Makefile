@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 fit: $(STAMP)
 	$(BIN)/ddp-train fit
 
-test: $(STAMP)
+test: lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check ddp_train tests benchmarks
+	$(BIN)/ruff check ddp_train tests benchmarks examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -49,7 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
                              n["cached"]))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,7 +70,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_link(src: Path, dst: Path) -> None:
@@ -83,7 +84,7 @@ def atomic_link(src: Path, dst: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoints/step-*.pt) or start over "

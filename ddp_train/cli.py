@@ -14,7 +14,7 @@ import typer
 
 from . import __version__
 from .config import ALIASES, FIELDS, build_config, option_name
-from .distenv import DistEnv, rank_of
+from .distenv import rank_of
 from .errors import AgreedError, PeerFailure, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

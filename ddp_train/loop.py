@@ -18,7 +18,8 @@ from .config import FitConfig
 from .dist import Comm
 from .errors import PEER_LOST, TrainingError
 from .evaluation import Evaluator, autocast
-from .log import Reporter, fmt
+from .checkpoint import Checkpointer
+from .log import Reporter
 from .policy import Policy
 from .task import Task
 from .userfn import user_error
@@ -142,20 +143,17 @@ class LossWindow:
 
 @dataclass
 class Loop:
-    """What `train` works with; each part has one owner (see train.build)."""
+    """What `train` works with; each part has one owner (assembled in train.run)."""
     cfg: FitConfig
     comm: Comm
-    trainer: Trainer
-    loader: Any
+    trainer: Trainer  # changes the weights
+    loader: Any  # the training batches, and their sampler (epoch, start batch)
     sampler: Any
     evaluator: Evaluator
-    policy: Policy
-    save: Callable[..., Any]  # save(best=, step_file=) -> path; collective
-    last_good: Callable[[], str]  # where the newest checkpoint is, for error messages
-    report: Reporter
-    preempt: Any
-    total_steps: int
-    world_size: int
+    policy: Policy  # when to evaluate and save, what is best, when to stop
+    saver: Checkpointer  # collective saves, and where the newest checkpoint is
+    report: Reporter  # console, run files, tracker
+    preempt: Any  # .requested: the signal that asked to stop, if any
     origin: str  # the option that brought the user's code, for error messages
     state: TrainState
 
@@ -173,7 +171,8 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
     batches = run.sampler.num_batches
     per_epoch, total = plan(cfg, batches)
     window = LossWindow(comm, trainer.device, cfg.skip_nonfinite)
-    seen = st.step * cfg.batch_size * cfg.grad_accum * run.world_size
+    world_size = comm.env.world_size
+    seen = st.step * cfg.batch_size * cfg.grad_accum * world_size
     t0 = t_log = time.perf_counter()
     seen_log, first_step, last_row = seen, True, {}
 
@@ -182,7 +181,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
         if bad is not None or not math.isfinite(total_loss):
             step, epoch = bad or (st.step, st.epoch + 1)
             raise TrainingError(f"the training loss became {'nan' if bad else total_loss} at step {step} "
-                                f"(epoch {epoch}); {run.last_good()}. Lower --lr, add --clip-grad-norm, or "
+                                f"(epoch {epoch}); {run.saver.describe_last()}. Lower --lr, add --clip-grad-norm, or "
                                 "pass --skip-nonfinite")
         st.loss_sum += total_loss
         st.loss_count += samples
@@ -201,7 +200,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             else:
                 losses, applied = trainer.step(micro)
             window.add(losses, st.step + 1, st.epoch + 1)
-            seen += sum(n for _, n in losses) * run.world_size
+            seen += sum(n for _, n in losses) * world_size
             st.step += 1
             st.batch_in_epoch += group
             _count_skips(run, applied)
@@ -218,7 +217,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
                 sync_loss()
-                path = run.save(step_file=run.policy.step_file_due(st.step))
+                path = run.saver.save(step_file=run.policy.step_file_due(st.step))
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
                 on_preempt()
                 return "preempted", last_row
@@ -229,13 +228,13 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             # behind it in the same order on every rank, and its answer is read at the next step.
             if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):
                 sync_loss()
-                last_row, stop = _evaluate(run, t0)
+                last_row, stop = _evaluate(run, t0, total)
                 if stop:
                     comm.end_votes()
                     return "early_stop", last_row
             elif run.policy.step_file_due(st.step):
                 sync_loss()
-                run.save(step_file=True)
+                run.saver.save(step_file=True)
     comm.end_votes()
     return "done", last_row
 
@@ -248,7 +247,8 @@ def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, i
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
         if run.comm.peer_failure() or any(s in str(e) for s in PEER_LOST):
             raise
-        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})")
+        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})",
+                           "make the model fit the batch's shapes")
         raise error from e
 
 
@@ -261,7 +261,7 @@ def _count_skips(run: Loop, applied: bool) -> None:
     log.warning("step %d: non-finite gradients, step skipped (%d in a row)", st.step, st.skipped)
     if st.skipped >= run.cfg.max_skipped:
         raise TrainingError(f"{st.skipped} steps in a row had non-finite gradients (up to step {st.step}, epoch "
-                            f"{st.epoch + 1}): training diverged; {run.last_good()}. Lower --lr or add "
+                            f"{st.epoch + 1}): training diverged; {run.saver.describe_last()}. Lower --lr or add "
                             "--clip-grad-norm (--max-skipped sets how many skips in a row are tolerated)")
 
 
@@ -269,7 +269,7 @@ def _last_mean(st: TrainState) -> float:
     return st.loss_sum / max(st.loss_count, 1)
 
 
-def _evaluate(run: Loop, t0: float) -> tuple[dict[str, Any], bool]:
+def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
     """Evaluate, record, decide best and early stopping, checkpoint. Returns (row, stop)."""
     st, cfg = run.state, run.cfg
     train_loss = _last_mean(st)
@@ -277,15 +277,15 @@ def _evaluate(run: Loop, t0: float) -> tuple[dict[str, Any], bool]:
     results = run.evaluator(run.trainer.model)
     if not math.isfinite(results["val_loss"]):
         raise TrainingError(f"the validation loss became {results['val_loss']} at step {st.step} (epoch "
-                            f"{st.epoch}); {run.last_good()}. Lower --lr or add --clip-grad-norm")
+                            f"{st.epoch}); {run.saver.describe_last()}. Lower --lr or add --clip-grad-norm")
     improved, stop = run.policy.observe({"train_loss": train_loss, **results}, st.step)
-    done = st.step >= run.total_steps or st.epoch >= cfg.epochs
+    done = st.step >= total or st.epoch >= cfg.epochs
     st.status = "early_stop" if stop else "done" if done else "running"
     epoch = st.epoch if st.batch_in_epoch == 0 else st.epoch + 1
     row = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **results, "lr": run.trainer.lr,
            "seconds": round(time.perf_counter() - t0, 3)}
     run.report.evaluation(row, cfg.epochs)
-    run.save(best=improved, step_file=run.policy.step_file_due(st.step))
+    run.saver.save(best=improved, step_file=run.policy.step_file_due(st.step))
     if stop:
         log.info("early stopping: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
     return row, stop

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from .checkpoint import fsync_dir
 from .errors import UsageError
 from .fsdp import bare_key
 
@@ -47,14 +48,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # --- files and directories ---------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
     with open(path, "wb") as f:
@@ -96,11 +89,11 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     `final` missing and `.NAME.old` complete, which `candidates` offers and the next save restores."""
     if not final.exists():
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return
     try:
         _exchange(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         _remove(tmp)  # now the old checkpoint
         return
     except OSError as e:
@@ -109,7 +102,7 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     _remove(old)
     os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     _remove(old)
 
 
@@ -209,7 +202,7 @@ def save(ckpt_dir: str | Path, name: str, model: nn.Module, optimizer: torch.opt
         _before_commit()
         manifest = json.dumps(_manifest(tmp), indent=0)
         _write_synced(tmp / MARKER, lambda f: f.write(manifest.encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _put_in_place(tmp, final)
     barrier()
     return final
@@ -275,7 +268,7 @@ def link_copy(src: str | Path, dst: str | Path) -> Path:
             shutil.copyfile(f, tmp / f.name)
             with open(tmp / f.name, "rb+") as fd:
                 os.fsync(fd.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     _put_in_place(tmp, dst)
     return dst
 

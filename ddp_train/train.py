@@ -123,8 +123,7 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
                                     (model, optimizer) if sharded_run else None)
     loop = Loop(cfg=cfg, comm=comm, trainer=trainer, loader=loader, sampler=sampler, evaluator=evaluator,
-                policy=policy, save=saver.save, last_good=saver.describe_last, report=report, preempt=preempt,
-                total_steps=total, world_size=env.world_size, origin=origin, state=state)
+                policy=policy, saver=saver, report=report, preempt=preempt, origin=origin, state=state)
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
              env.launcher, env.world_size, env.backend, env.device, strategy, run_dir)
     if ckpt is not None:

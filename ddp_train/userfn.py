@@ -84,11 +84,11 @@ def user_frames(e: BaseException) -> str:
     return "Traceback (your code only; --debug shows all frames):\n" + "".join(traceback.format_list(frames))
 
 
-def user_error(e: BaseException, option: str, spec: str | None, doing: str) -> UserCodeError:
+def user_error(e: BaseException, option: str, spec: str | None, doing: str, hint: str = "") -> UserCodeError:
     what = f"{option} {spec}" if spec else option
     first = str(e).splitlines()[0] if str(e) else ""
-    return UserCodeError(f"{what} raised {type(e).__name__} while {doing}: {first}".rstrip(": "),
-                         user_frames(e))
+    message = f"{what} raised {type(e).__name__} while {doing}: {first}".rstrip(": ")
+    return UserCodeError(f"{message}; {hint}" if hint else message, user_frames(e))
 
 
 @contextlib.contextmanager

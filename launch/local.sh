@@ -23,18 +23,7 @@ if [[ -z ${NPROC:-} ]]; then
     ((${NPROC:-0} > 0)) || NPROC=2
 fi
 
-# torchrun: $TORCHRUN if set, else the one on PATH (an active venv), else this checkout's own
-# .venv (which `make fit` creates), so the script works without activating anything.
-venv=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)/.venv
-if [[ -n ${TORCHRUN:-} ]]; then
-    read -ra torchrun <<<"$TORCHRUN"  # a word list, e.g. "python -m torch.distributed.run"
-elif command -v torchrun >/dev/null; then
-    torchrun=(torchrun)
-elif [[ -x $venv/bin/torchrun ]]; then
-    torchrun=("$venv/bin/torchrun")
-else
-    echo "$(basename "$0"): torchrun not found on PATH or in $venv/bin: run \`make fit\` once (it creates .venv), or activate a venv with ddp-train installed" >&2
-    exit 2
-fi
+# shellcheck source=launch/torchrun.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/torchrun.sh"
 
 exec "${torchrun[@]}" --standalone --nproc-per-node "$NPROC" -m ddp_train fit "$@"

@@ -34,19 +34,8 @@ else
     rendezvous=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
 fi
 
-# torchrun: $TORCHRUN if set, else the one on PATH (an active venv), else this checkout's own
-# .venv (which `make fit` creates), so the script works without activating anything.
-venv=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)/.venv
-if [[ -n ${TORCHRUN:-} ]]; then
-    read -ra torchrun <<<"$TORCHRUN"  # a word list, e.g. "python -m torch.distributed.run"
-elif command -v torchrun >/dev/null; then
-    torchrun=(torchrun)
-elif [[ -x $venv/bin/torchrun ]]; then
-    torchrun=("$venv/bin/torchrun")
-else
-    echo "$(basename "$0"): torchrun not found on PATH or in $venv/bin: run \`make fit\` once (it creates .venv), or activate a venv with ddp-train installed" >&2
-    exit 2
-fi
+# shellcheck source=launch/torchrun.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/torchrun.sh"
 
 exec "${torchrun[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
     -m ddp_train fit "$@"

@@ -224,6 +224,7 @@ def test_model_that_does_not_fit_the_data(tmp_path, capfd):
     assert err.rstrip().splitlines()[-1].startswith(
         f"error: --model {USER}:wrong_width raised RuntimeError while training on the first batch ((64, 5), (64,)): "
         "mat1 and mat2 shapes cannot be multiplied")
+    assert err.rstrip().endswith("; make the model fit the batch's shapes")
 
 
 def test_user_data_function_that_raises(tmp_path, capfd):

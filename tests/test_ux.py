@@ -27,6 +27,7 @@ def checkout(tmp_path: Path, script: str, venv: Path | None) -> Path:
     (tmp_path / "launch").mkdir(parents=True)
     copy = tmp_path / "launch" / script
     shutil.copy2(ROOT / "launch" / script, copy)
+    shutil.copy2(ROOT / "launch" / "torchrun.sh", tmp_path / "launch" / "torchrun.sh")
     if venv is not None:
         (tmp_path / ".venv").symlink_to(venv)
     return copy

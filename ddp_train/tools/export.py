@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-SOURCE = typer.Argument(help="A run directory (its newest checkpoint, or --best), or a checkpoint: a .pt "
+SOURCE = typer.Argument(metavar="SOURCE", help="A run directory (its newest checkpoint, or --best), or a checkpoint: a .pt "
                         "file or a sharded checkpoint directory.", show_default=False)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .data import CLASSIFICATION, REGRESSION
 from .errors import UsageError
 
 
@@ -65,13 +66,13 @@ class RegressionStats:
 
 # --metrics names for the built-in tasks: torchmetrics classes and their arguments.
 NAMED = {
-    "classification": {
+    CLASSIFICATION: {
         "auroc": ("MulticlassAUROC", {}), "ap": ("MulticlassAveragePrecision", {}),
         "top3": ("MulticlassAccuracy", {"top_k": 3}), "top5": ("MulticlassAccuracy", {"top_k": 5}),
         "precision": ("MulticlassPrecision", {"average": "macro"}),
         "recall": ("MulticlassRecall", {"average": "macro"}),
     },
-    "regression": {"explained_variance": ("ExplainedVariance", {}),
+    REGRESSION: {"explained_variance": ("ExplainedVariance", {}),
                    "mape": ("MeanAbsolutePercentageError", {})},
 }
 
@@ -89,7 +90,7 @@ def named_metrics(names: str, kind: str, num_outputs: int) -> dict[str, Any]:
     out = {}
     for name in wanted:
         cls_name, kwargs = known[name]
-        if kind == "classification":
+        if kind == CLASSIFICATION:
             kwargs = {"num_classes": num_outputs, **kwargs}
             if kwargs.get("top_k", 1) > num_outputs:
                 raise UsageError(f"--metrics {name}: needs more than {num_outputs} classes")

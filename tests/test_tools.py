@@ -134,6 +134,8 @@ def test_predict_helpers():
     assert header == ["index", "value_0", "value_1"]
     header, rows = csv_rows(torch.tensor([[0.0, 5.0]]), "classification", 3)  # top-k capped at 2 classes
     assert header == ["index", "predicted", "class_1", "prob_1", "class_2", "prob_2"] and rows[0][1] == 1
+    _, rows = csv_rows(torch.tensor([[0.0, 5.0]]), "classification", 2, ["cat", "dog"])  # image folders
+    assert rows[0][:3] == [0, "dog", "dog"] and rows[0][4] == "cat"
 
 
 def test_summary_counts_the_classic_cnn():

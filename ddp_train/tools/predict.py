@@ -99,7 +99,9 @@ def csv_rows(outputs: Any, kind: str | None, top_k: int,
              names: list[str] | None = None) -> tuple[list[str], list[list]]:
     """Classification: top-k classes (by name where the data set has names) with probabilities;
     otherwise the raw values."""
-    if kind == "classification":
+    from ..data import CLASSIFICATION
+
+    if kind == CLASSIFICATION:
         k = min(top_k, outputs.shape[1])
         probs, classes = outputs.softmax(dim=1).topk(k, dim=1)
         label = (lambda c: names[c]) if names else (lambda c: c)

@@ -222,7 +222,7 @@ def test_preempt_requeue_resume(submit, reference, script, launcher, scancel):
     text = job.text()
     assert info["ExitCode"] == "0:0", text
     preempted = re.findall(r"preempted: checkpoint \S+ at step (\d+); exiting with code 3", text)
-    resumed = re.findall(r"resumed from \S+: epoch \d+, step (\d+), batch \d+", text)
+    resumed = re.findall(r"resumed from \S+: epoch \d+, step (\d+) \(", text)
     assert len(preempted) == 1 and 0 < int(preempted[0]) < PREEMPTIBLE_STEPS, text
     assert resumed == preempted, text
     assert count(rf"job {job.id} restart 0 ", text) == 1 and count(rf"job {job.id} restart 1 ", text) == 1, text

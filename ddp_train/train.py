@@ -132,10 +132,11 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         saver.last = (Path(ckpt_path), state.step)
         files.truncate_after(state.step)
         checkpoint.set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])  # another world size: by rank
-        log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
-                 state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch)
         stopped = state.status == "early_stop" and cfg.patience and policy.bad_evals >= cfg.patience
-        if stopped or state.step >= total or state.epoch >= cfg.epochs:
+        if not (stopped or state.step >= total or state.epoch >= cfg.epochs):
+            log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
+                     state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch)
+        else:
             more = "raise --patience" if stopped else "raise --epochs or --max-steps"
             log.info("nothing to do: the run in %s already %s (step %d of %d); %s to train longer, or pass "
                      "another --run-dir for a new run", run_dir, "stopped early" if stopped else "finished",

@@ -14,7 +14,6 @@ saved state, like raw_linreg.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -27,11 +26,7 @@ import common  # benchmarks/common.py: the data, models and events every tool sh
 def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_args(p)
-    args = p.parse_args(argv)
-    spec = common.WORKLOADS[args.workload]
-    epochs, lr = args.epochs or spec["epochs"], args.lr or spec["lr"]
+    args, spec, epochs, lr = common.parse(__doc__, argv)
     accelerator = Accelerator(cpu=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     log = common.Log(args.metrics, rank)

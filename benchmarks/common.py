@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,6 +116,17 @@ class Log:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+
+
+def parse(doc: str, argv: list[str] | None) -> tuple[Any, dict, int, float]:
+    """A baseline script's (args, workload spec, epochs, lr) from its command line."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_args(p)
+    args = p.parse_args(argv)
+    spec = WORKLOADS[args.workload]
+    return args, spec, args.epochs or spec["epochs"], args.lr or spec["lr"]
 
 
 def add_args(p, workload: str | None = None) -> None:

@@ -14,7 +14,6 @@ validation during training, like raw_linreg.py. A callback writes the same metri
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -28,11 +27,7 @@ import common  # benchmarks/common.py: the data, models and events every tool sh
 def main(argv: list[str] | None = None) -> None:
     import lightning as L
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_args(p)
-    args = p.parse_args(argv)
-    spec = common.WORKLOADS[args.workload]
-    epochs, lr = args.epochs or spec["epochs"], args.lr or spec["lr"]
+    args, spec, epochs, lr = common.parse(__doc__, argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     regression = args.workload == "linreg"

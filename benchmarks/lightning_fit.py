@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         val_loader = DataLoader(val, batch_size=4 * per_rank)
     trainer = L.Trainer(accelerator="cpu", devices=world, num_nodes=1, strategy="ddp" if world > 1 else "auto",
                         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[Events()], default_root_dir=args.run_dir)
+                        num_sanity_val_steps=0, callbacks=[Events()],
+                        # Lightning's checkpoints go to the run dir, else to a temporary folder (never the checkout)
+                        default_root_dir=args.run_dir or tempfile.mkdtemp(prefix="lightning-"))
     trainer.fit(module, train_loader, val_loader)
     log("end", step=trainer.global_step)
     log.close()

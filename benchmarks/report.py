@@ -14,6 +14,7 @@ ROWS = (("throughput", "training throughput (samples/s, steady state)", "{:,.0f}
         ("step_s", "ms per step, steady state (ddp-train: per epoch = step + its eval + checkpoint)",
          lambda s: f"{s * 1e3:,.1f}"),
         ("first_step_s", "launch to first training step (s)", "{:.2f}".format),
+        ("exit_s", "exit after the last event (s): teardown, launcher included", "{:.2f}".format),
         ("wall_s", "whole command wall time (s)", "{:.2f}".format),
         ("peak_rss_mb", "peak RSS per rank (MB, max over ranks)", "{:,.0f}".format))
 
@@ -94,7 +95,8 @@ def markdown(result: dict, out: Path) -> str:
 
 def _goal(goals: dict, workload: str, procs: str, key: str, diff: float) -> str:
     name = {"throughput": "throughput ratio", "peak_rss_mb": "peak RSS ratio", "first_step_s": "first step vs raw (s)",
-            "wall_s": "whole command ratio", "step_s": "steady step ratio"}.get(key)
+            "wall_s": "whole command ratio", "step_s": "steady step ratio",
+            "exit_s": "exit after the end event (s)"}.get(key)
     t = goals.get(f"{workload} {procs}p {name}")
     if t is None:
         return ""

@@ -104,6 +104,9 @@ class FitConfig:
     init_strict: bool = opt(True, "With --init-from: require every key to match.")
     save_every: int | None = opt(None, "Also write checkpoints/step-NNNNNNNN.pt every this many steps.", min=1)
     keep: int = opt(3, "How many step-*.pt checkpoints to keep.", min=1)
+    save_every_seconds: float = opt(60.0, "Write an evaluation's checkpoint only when this many seconds have "
+                                    "passed since the previous write (0: at every evaluation). The end of the "
+                                    "run, preemption and --save-every always write.", min=0)
     preempt_signal: str | None = opt(None, "Extra signal that means 'save and stop' (SIGTERM always does).",
                                      choices=("USR1", "USR2"))
     requeue: bool = opt(False, "Under Slurm, requeue the job after a preemption checkpoint.")
@@ -172,8 +175,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
 # Settings that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({
     "epochs", "max_steps", "patience", "workers", "timeout", "run_dir", "resume", "overwrite",
-    "save_every", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks", "progress",
-    "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
+    "save_every", "save_every_seconds", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks",
+    "progress", "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
     "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped",
 })
 

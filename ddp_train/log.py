@@ -80,6 +80,7 @@ class RunFiles:
         self.history = run_dir / "history.csv"
         self.metrics = run_dir / "metrics.jsonl"
         self._jsonl = self.metrics.open("a", buffering=1)
+        self._rows: Any = None  # history.csv, opened at its first row and kept open (line-buffered)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows written after the checkpoint (they will be written again)."""
@@ -87,8 +88,10 @@ class RunFiles:
             with self.history.open() as f:
                 rows = list(csv.DictReader(f))
             if rows:
-                keep = [r for r in rows if int(r["step"]) <= step]
-                self._write_history(keep, list(rows[0].keys()), "w")
+                with self.history.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(r for r in rows if int(r["step"]) <= step)
         if self.metrics.exists():
             lines = self.metrics.read_text().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -100,18 +103,17 @@ class RunFiles:
         self._jsonl.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
 
     def history_row(self, row: dict[str, Any]) -> None:
-        self._write_history([row], list(row.keys()), "a")
-
-    def _write_history(self, rows: list[dict[str, Any]], columns: list[str], mode: str) -> None:
-        header = mode == "w" or not self.history.exists() or self.history.stat().st_size == 0
-        with self.history.open(mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
+        if self._rows is None:
+            self._rows = self.history.open("a", newline="", buffering=1)
+        writer = csv.DictWriter(self._rows, fieldnames=list(row), extrasaction="ignore")
+        if self._rows.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)
 
     def close(self) -> None:
         self._jsonl.close()
+        if self._rows is not None:
+            self._rows.close()
 
 
 class NullFiles(RunFiles):

@@ -217,7 +217,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
                 sync_loss()
-                path = run.saver.save(step_file=run.policy.step_file_due(st.step))
+                path = run.saver.save(step_file=run.policy.step_file_due(st.step), durable=True)
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
                 on_preempt()
                 return "preempted", last_row
@@ -285,7 +285,7 @@ def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
     row = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **results, "lr": run.trainer.lr,
            "seconds": round(time.perf_counter() - t0, 3)}
     run.report.evaluation(row, cfg.epochs)
-    run.saver.save(best=improved, step_file=run.policy.step_file_due(st.step))
+    run.saver.save(best=improved, step_file=run.policy.step_file_due(st.step), durable=done or stop)
     if stop:
         log.info("early stopping: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
     return row, stop

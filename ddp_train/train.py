@@ -121,7 +121,7 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         return _checkpoint_dict(trainer, state, policy, settings, cfg, env, total, tracker, rngs, with_tensors)
 
     saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
-                                    (model, optimizer) if sharded_run else None)
+                                    (model, optimizer) if sharded_run else None, cfg.save_every_seconds)
     loop = Loop(cfg=cfg, comm=comm, trainer=trainer, loader=loader, sampler=sampler, evaluator=evaluator,
                 policy=policy, saver=saver, report=report, preempt=preempt, origin=origin, state=state)
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
@@ -149,7 +149,10 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         outcome, last_row = train(loop, lambda: _requeue(cfg, env))
         code = 3 if outcome == "preempted" else 0
     finally:
-        report.close(state.step, code)
+        try:
+            saver.close()  # a failed run keeps its best evaluation too
+        finally:
+            report.close(state.step, code)
     if outcome != "preempted":
         best = f"{policy.best:.4g}" if policy.best is not None else "n/a"
         log.info("done: %d steps in %.1fs; best %s %s; run dir %s", state.step, time.perf_counter() - started,

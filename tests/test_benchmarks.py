@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-COMMON = {"first_step_s", "wall_s", "peak_rss_mb"}
+COMMON = {"first_step_s", "exit_s", "wall_s", "peak_rss_mb"}
 
 
 @pytest.mark.slow

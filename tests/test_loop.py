@@ -133,3 +133,69 @@ def test_policy_never_takes_nan_as_best_and_stops_after_patience():
 def test_policy_step_files():
     assert [Policy(FitConfig(save_every=2)).step_file_due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
     assert not Policy(FitConfig()).step_file_due(2)
+
+
+def _saver(tmp_path, interval, weights):
+    """A Checkpointer of one process whose checkpoint is {"step", "model": {"w": weights}}."""
+    from ddp_train.checkpoint import Checkpointer
+
+    step = [0]
+    state = lambda rngs, with_tensors: {"version": 1, "step": step[0], "model": {"w": weights}}  # noqa: E731
+    return Checkpointer(tmp_path, Comm(ONE), 3, state, lambda: step[0], interval=interval), step
+
+
+def _on_disk(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_checkpoints_of_evaluations_wait_for_the_interval_but_best_is_kept(tmp_path):
+    w = torch.zeros(2)
+    saver, step = _saver(tmp_path, interval=1e9, weights=w)
+    step[0] = 1
+    saver.save(best=True)  # the first is written at once
+    saver.flush()
+    assert _on_disk(tmp_path / "last.pt")["step"] == 1 and (tmp_path / "best.pt").exists()
+    step[0], w[0] = 2, 2.0
+    saver.save(best=True)  # not due: kept in memory as a snapshot, not written
+    step[0], w[0] = 3, 3.0  # training goes on: the snapshot does not change
+    saver.save(best=False)
+    saver.flush()
+    assert _on_disk(tmp_path / "last.pt")["step"] == 1 and _on_disk(tmp_path / "best.pt")["step"] == 1
+    step[0] = 4
+    saver.save(step_file=True)  # --save-every: always written, and the better evaluation with it
+    saver.flush()
+    assert _on_disk(tmp_path / "last.pt")["step"] == 4 and (tmp_path / "step-00000004.pt").exists()
+    best = _on_disk(tmp_path / "best.pt")
+    assert best["step"] == 2 and best["model"]["w"].tolist() == [2.0, 0.0]
+    assert saver.describe_last() == f"the last good checkpoint is {tmp_path / 'last.pt'} (step 4)"
+
+
+def test_a_failed_run_writes_its_better_evaluation(tmp_path):
+    saver, step = _saver(tmp_path, interval=1e9, weights=torch.zeros(2))
+    step[0] = 1
+    saver.save()
+    step[0] = 2
+    saver.save(best=True)
+    saver.close()  # what train.run does on any exit
+    assert _on_disk(tmp_path / "best.pt")["step"] == 2 and _on_disk(tmp_path / "last.pt")["step"] == 1
+
+
+def test_interval_zero_writes_every_evaluation_and_durable_waits(tmp_path):
+    saver, step = _saver(tmp_path, interval=0.0, weights=torch.zeros(2))
+    for s in (1, 2, 3):
+        step[0] = s
+        saver.save(best=s == 2, durable=s == 3)
+        if s < 3:
+            saver.flush()
+            assert _on_disk(tmp_path / "last.pt")["step"] == s
+    assert _on_disk(tmp_path / "last.pt")["step"] == 3 and _on_disk(tmp_path / "best.pt")["step"] == 2
+
+
+def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
+    saver, step = _saver(tmp_path / "gone", interval=0.0, weights=torch.zeros(2))  # the folder does not exist
+    step[0] = 1
+    saver.save()  # returns at once; the write fails in the background
+    assert "writing the checkpoint of step 1 failed" in saver.describe_last()
+    saver.save()
+    with pytest.raises(OSError):
+        saver.save()

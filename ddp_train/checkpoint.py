@@ -251,9 +251,9 @@ def _snapshot(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
         return type(obj)(_snapshot(v) for v in obj)
-    return obj
+    return obj  # plain values, and lists of them (Python's RNG state: 625 ints), are not changed by training
 
 
 class _Write(threading.Thread):

@@ -64,7 +64,7 @@ class Trainer:
             with self._sync(last=i == group - 1):
                 with autocast(self.device, self.precision):
                     loss = self.task.loss(self.wrapped, batch)
-                scaled = loss / group
+                scaled = loss / group if group > 1 else loss  # no extra op (and backward node) per step
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append((loss.detach(), count(batch)))
         return losses, self._apply()

@@ -70,6 +70,25 @@ def test_two_rank_run_exits_soon_after_done(tmp_path):
     assert excess <= EXCESS_BOUND_S, report
 
 
+@pytest.mark.slow
+def test_ddp_train_torchrun_ends_sooner_and_keeps_exit_codes(tmp_path):
+    """`python -m ddp_train.torchrun` is torchrun without its ~0.5 s interpreter exit: the same
+    run ends sooner after `done:` (best of three, interleaved), and a failed worker still fails it."""
+    fit = ["--standalone", "--nproc_per_node=2", "-m", "ddp_train", "fit", "--epochs", "1", "--no-progress"]
+    plain, quick = [], []
+    for i in range(3):
+        plain.append(seconds_after_done([str(BIN / "torchrun"), *fit, "--run-dir", str(tmp_path / f"p{i}")], ROOT))
+        quick.append(seconds_after_done([sys.executable, "-m", "ddp_train.torchrun", *fit, "--run-dir",
+                                         str(tmp_path / f"q{i}")], ROOT))
+    report = f"done -> exit: torchrun {' '.join(f'{t:.2f}' for t in plain)} s, ddp_train.torchrun " \
+             f"{' '.join(f'{t:.2f}' for t in quick)} s"
+    print(report)
+    assert min(quick) < min(plain), report
+    failed = subprocess.run([sys.executable, "-m", "ddp_train.torchrun", *fit, "--epochs", "0"], capture_output=True,
+                            text=True, env=base_env(), cwd=ROOT, timeout=240)
+    assert failed.returncode == 1 and "error: --epochs must be >= 1 (got 0)" in failed.stderr, failed.stderr
+
+
 def test_exit_process_closes_files_and_keeps_the_code(tmp_path):
     """exit_process skips the interpreter's teardown, not what it would have saved."""
     script = textwrap.dedent(f"""

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NAMES = {"ddp_train": "ddp-train", "raw": "hand-written", "lightning": "Lightning", "accelerate": "Accelerate"}
 ROWS = (("throughput", "training throughput (samples/s, steady state)", "{:,.0f}".format),
-        ("step_s", "ms per step, steady state (ddp-train: per epoch = step + its eval + checkpoint)",
+        ("step_s", "ms per step, steady state (ddp-train: per epoch = step + its eval + checkpoint snapshot)",
          lambda s: f"{s * 1e3:,.1f}"),
         ("first_step_s", "launch to first training step (s)", "{:.2f}".format),
         ("exit_s", "exit after the last event (s): teardown, launcher included", "{:.2f}".format),

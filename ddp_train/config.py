@@ -77,8 +77,8 @@ class FitConfig:
     skip_nonfinite: bool = opt(False, "Skip optimizer steps whose gradients are NaN/inf instead of stopping.")
     max_skipped: int = opt(10, "With --skip-nonfinite: stop after this many skipped steps in a row.", min=1)
     # evaluation, early stopping and best checkpoint
-    eval_every: int | None = opt(None, "Evaluate (and checkpoint) every this many steps instead of every epoch.",
-                                 min=1)
+    eval_every: int | None = opt(None, "Evaluate every this many steps instead of every epoch (a checkpoint "
+                                 "follows as --save-every-seconds allows).", min=1)
     metrics: str | None = opt(None, "Extra validation metrics from torchmetrics, comma-separated: auroc, ap, "
                               "top3, top5, precision, recall (classification); explained_variance, mape "
                               "(regression).")

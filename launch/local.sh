@@ -8,8 +8,8 @@
 # Variables:
 #   NPROC     processes (default: the GPUs in CUDA_VISIBLE_DEVICES if it is set, else those
 #             `nvidia-smi -L` lists; 2 when there is none, so a CPU run still exercises DDP)
-#   TORCHRUN  how to run torchrun (default: "torchrun" from PATH, else this checkout's
-#             .venv/bin/torchrun; e.g. "python -m torch.distributed.run")
+#   TORCHRUN  how to run torchrun (default: ddp-torchrun, else torchrun, from PATH, else
+#             from this checkout's .venv/bin; e.g. "python -m torch.distributed.run")
 # ddp_train picks the backend itself: nccl on GPUs, gloo on CPU.
 set -euo pipefail
 

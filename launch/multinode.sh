@@ -18,8 +18,8 @@
 #   NODE_RANK       this node's rank, 0 .. NNODES-1; setting it selects fixed-rank mode
 #   MASTER_ADDR     node 0's address, reachable from every node (fixed-rank mode)
 #   MASTER_PORT     a free port on node 0 (fixed-rank mode; default 29500)
-#   TORCHRUN        how to run torchrun (default: "torchrun" from PATH, else this checkout's
-#                   .venv/bin/torchrun; e.g. "python -m torch.distributed.run")
+#   TORCHRUN        how to run torchrun (default: ddp-torchrun, else torchrun, from PATH, else
+#                   from this checkout's .venv/bin; e.g. "python -m torch.distributed.run")
 set -euo pipefail
 
 : "${NNODES:?set NNODES to the number of nodes}"

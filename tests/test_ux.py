@@ -69,6 +69,16 @@ def test_launch_scripts_prefer_path_then_the_checkouts_venv(tmp_path, script, va
     assert proc.stdout.startswith("active-venv torchrun "), proc.stdout + proc.stderr
 
 
+def test_launch_scripts_prefer_ddp_torchrun_the_quick_exit(tmp_path):
+    venv = fake_venv(tmp_path / "repo-venv")
+    quick = venv / "bin" / "ddp-torchrun"
+    quick.write_text('#!/bin/sh\necho "ddp-torchrun $*"\n')
+    quick.chmod(0o755)
+    proc = launch(checkout(tmp_path / "repo", "local.sh", venv), "--epochs", "1", NPROC="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ddp-torchrun --standalone"), proc.stdout
+
+
 @pytest.mark.parametrize("script, variables", [("local.sh", {"NPROC": "1"}), ("multinode.sh", MULTINODE_VARS)])
 def test_launch_scripts_without_torchrun_say_make_fit(tmp_path, script, variables):
     copy = checkout(tmp_path, script, None)

@@ -6,10 +6,11 @@ The digits workload's step (MLP 64-128-64-10, 32 samples per rank, fused Adam, D
 in blocks of --block steps, one variant per block, the variants in rotating order, so that a
 shared machine's drift hits all of them alike; rank 0 prints each variant's median ms per step:
 
-- none:     no vote at all (the floor; not a valid design: SIGTERM would wait for the epoch's end)
-- control:  ddp_train's vote without `attach`: one async all-reduce on the control group per step
-- every8:   the same, every 8th step only (a stop waits up to 16 steps)
-- hook:     ddp_train's vote after `attach(ddp)`: the flag rides in DDP's gradient all-reduce
+- none:      no vote at all (the floor; not a valid design: SIGTERM would wait for the epoch's end)
+- every:     one async all-reduce on the control group every step (StopVote with every_s=0)
+- ddp_train: ddp_train's vote, every ~0.2 s of steps (at most 64), agreed by the ranks
+- hook:      the previous design: the flag rides in DDP's gradient all-reduce, through a Python
+             comm hook that replaces DDP's C++ all-reduce (kept here, and only here, to compare)
 """
 
 from __future__ import annotations
@@ -30,20 +31,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddp_train.stopvote import StopVote  # noqa: E402
 
 
-class Every:
-    def __init__(self, k: int, group):
-        self.k, self.n, self.flag, self.votes = k, 0, False, StopVote(group)
+class HookVote:
+    """The previous design: the flag rides at the end of DDP's first gradient bucket."""
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel):
+        self.group, self.flag, self.carried = ddp.process_group, False, []
+        ddp.register_comm_hook(state=None, hook=self.hook)
 
     def vote(self, flag: bool) -> bool:
-        self.n += 1
         self.flag |= flag
-        if self.n % self.k:
-            return False
-        flag, self.flag = self.flag, False
-        return self.votes.vote(flag)
+        decision = any(bool(t.item() > 0) for t in self.carried)
+        self.carried.clear()
+        return decision
 
     def end(self) -> None:
-        self.votes.end()
+        pass
+
+    def hook(self, state, bucket):
+        grads = bucket.buffer()
+        grads.div_(self.group.size())
+        if bucket.index() != 0:
+            return dist.all_reduce(grads, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
+        packed = torch.cat([grads, torch.full((1,), float(self.flag), dtype=grads.dtype)])
+        self.flag = False
+
+        def unpack(fut):
+            reduced = fut.value()[0]
+            grads.copy_(reduced[:-1])
+            self.carried.append(reduced[-1:].clone())
+            return grads
+
+        return dist.all_reduce(packed, group=self.group, async_op=True).get_future().then(unpack)
 
 
 class NoVote:
@@ -68,12 +86,11 @@ def main() -> None:
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
     plain, hooked = nn.parallel.DistributedDataParallel(model()), nn.parallel.DistributedDataParallel(model())
-    hook_votes = StopVote(control)
-    assert hook_votes.attach(hooked)
+    hook_votes = HookVote(hooked)
     opt_plain = torch.optim.Adam(plain.parameters(), fused=True)
     opt_hooked = torch.optim.Adam(hooked.parameters(), fused=True)
-    variants = {"none": (plain, opt_plain, NoVote()), "control": (plain, opt_plain, StopVote(control)),
-                "every8": (plain, opt_plain, Every(8, control)), "hook": (hooked, opt_hooked, hook_votes)}
+    variants = {"none": (plain, opt_plain, NoVote()), "every": (plain, opt_plain, StopVote(control, every_s=0)),
+                "ddp_train": (plain, opt_plain, StopVote(control)), "hook": (hooked, opt_hooked, hook_votes)}
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(32, 64, generator=g), torch.randint(10, (32,), generator=g)
     names = list(variants)
@@ -96,7 +113,7 @@ def main() -> None:
         print(f"load average {os.getloadavg()[0]:.2f}; median of {args.blocks} blocks of {args.block} steps")
         for k in names:
             m = statistics.median(ms[k])
-            print(f"{k:8} {m:6.3f} ms/step  {m - floor:+.3f} ms vs none  throughput x{floor / m:.2f}")
+            print(f"{k:9} {m:6.3f} ms/step  {m - floor:+.3f} ms vs none  throughput x{floor / m:.2f}")
     dist.barrier()
     dist.destroy_process_group()
 

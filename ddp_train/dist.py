@@ -61,18 +61,12 @@ class Comm:
 
     def vote_any(self, flag: bool) -> bool:
         """Record this rank's `flag` (call once per optimizer step, on every rank); True on every
-        rank, at the same step, once any rank has passed True: at the next call. Costs no wait:
-        the answer travels while a step computes, inside DDP's gradient all-reduce after `attach`,
-        else on the control group (ddp_train/stopvote.py)."""
+        rank, at the same step, once any rank has passed True: within about 0.4 s or two steps.
+        Costs no wait: the answer travels on the control group while steps compute, and only
+        every few steps (ddp_train/stopvote.py)."""
         if not self.active:
             return flag
         return self._votes.vote(flag)
-
-    def attach(self, ddp: Any) -> bool:
-        """Carry `vote_any` inside `ddp`'s gradient all-reduce (a DistributedDataParallel module):
-        no collective of its own per step. Call on every rank before the first step, or on none.
-        False (and nothing changes) where that does not apply: one process, or a CUDA model."""
-        return self.active and self._votes.attach(ddp)
 
     def end_votes(self) -> None:
         """Wait for a vote in flight, so that no collective outlives the loop."""

@@ -225,7 +225,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             if epoch_ended:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             # A vote may still be in flight on the control group: the collectives below queue
-            # behind it in the same order on every rank, and its answer is read at the next step.
+            # behind it in the same order on every rank, and its answer is read at the next vote.
             if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):
                 sync_loss()
                 last_row, stop = _evaluate(run, t0, total)

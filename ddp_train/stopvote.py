@@ -1,23 +1,22 @@
-"""The per-step stop vote: "does any rank want to stop?", answered identically on every rank.
+"""The stop vote: "does any rank want to stop?", answered identically on every rank, at the same step.
 
-Two ways to carry it, chosen per step, the same way on every rank:
+A vote is one asynchronous all-reduce on the control group (CPU, gloo) of [flag, -interval],
+started at a voting step and read at the next one, so no rank waits while it travels. Not every
+step votes: each rank proposes how many steps span about `every_s` seconds of its own training
+(1 to `max_every`), and the all-reduce's MAX hands every rank the smallest proposal, read at the
+same step from the same result, so the ranks keep voting at the same steps. A flag raised at any
+step is decided on every rank within two intervals: about 2 x `every_s` of wall time, or two
+steps where a step takes longer, and never more than 2 x `max_every` steps.
 
-- **inside DDP's gradient all-reduce** (after `attach(ddp)`, CPU models): a comm hook appends one
-  element, this rank's flag, to the first gradient bucket of each synchronising backward, so asking
-  costs no collective of its own: one extra element, and one copy of DDP's small first bucket;
-- **on the control group** otherwise (no DDP, a CUDA model, or a step whose backward did not
-  synchronise): one asynchronous one-element all-reduce, started now and read at the next vote.
-
-On 2 CPU processes, digits-sized steps (~2 ms), the control vote costs 0.6-1.0 ms a step and the
-hook 0-0.2 ms (benchmarks/README.md). Either way a flag passed to `vote` at step s is decided, on
-every rank, at step s+1: the hook carries it in step s+1's backward, whose all-reduce has finished
-when backward returns; the control vote started at step s is read at step s+1. Whether a step's
-backward ran the hook is the same on every rank (the gradient all-reduce is a collective), so every
-rank takes the same path and makes the same decision at the same step.
+Why not every step: on 2 CPU processes a vote of its own costs ~1 ms on a ~2.4 ms digits step.
+Why not inside DDP's gradient all-reduce (a Python comm hook, the previous design): the hook
+replaces DDP's C++ all-reduce and costs 0.16-0.33 ms on that step (benchmarks/vote_cost.py).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,70 +24,53 @@ import torch.distributed as dist
 
 
 class StopVote:
-    def __init__(self, group: Any):
+    def __init__(self, group: Any, every_s: float = 0.2, max_every: int = 64,
+                 clock: Callable[[], float] = time.perf_counter):
         self.group = group  # the control group (CPU, gloo)
-        self._flag = False  # this rank's flags since the last send, sent by the next vote or hook
-        self._async: tuple[Any, torch.Tensor] | None = None  # control-group vote in flight
-        self._ended = False  # the result of the control vote that end() waited for
-        self._carried: list[torch.Tensor] = []  # the hook's reduced flags since the last vote
-        self._grad_group: Any = None
-
-    def attach(self, ddp: torch.nn.parallel.DistributedDataParallel) -> bool:
-        """Carry the vote in `ddp`'s gradient all-reduce; call on every rank before the first step.
-        The hook computes the same mean as DDP's own all-reduce, bit for bit. Only for CPU models
-        (returns False otherwise and changes nothing): on a GPU the hook's flag would live on the
-        device, and reading it would wait for the GPU, while the control vote never does."""
-        if any(p.is_cuda for p in ddp.parameters()):
-            return False
-        self._grad_group = ddp.process_group
-        ddp.register_comm_hook(state=None, hook=self._hook)
-        return True
+        self.every_s, self.max_every, self._clock = every_s, max_every, clock
+        self._flag = False  # this rank's flags since the last send
+        self._async: tuple[Any, torch.Tensor] | None = None  # the vote in flight
+        self._decided = False  # a decision that end() read, returned by the next vote
+        self._every = 1  # steps between votes: agreed, the same on every rank
+        self._countdown = 1  # steps to the next vote
+        self._steps = 0
+        self._sent: tuple[float, int] | None = None  # (clock, steps) at this rank's last send
 
     def vote(self, flag: bool) -> bool:
-        """Record this rank's `flag`; True on every rank iff some rank's flag of the previous vote
-        (or an earlier one) was True."""
+        """Record this rank's `flag` (once per step); True on every rank at the same call once some
+        rank's flag has been carried by a completed vote."""
         self._flag = self._flag or flag
-        decision = self._finish_async()
-        if self._carried:  # this step's backward carried the previous flags
-            decision = any(bool(t.item() > 0) for t in self._carried) or decision
-            self._carried.clear()
-        else:  # no gradient all-reduce carried them: a vote of its own
-            t = torch.tensor([int(self._flag)], dtype=torch.int32)
-            self._async = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
-            self._flag = False
-        return decision
+        self._steps += 1
+        self._countdown -= 1
+        decided, self._decided = self._decided, False
+        if self._countdown > 0:
+            return decided
+        decided = self._finish() or decided
+        self._countdown = self._every
+        t = torch.tensor([int(self._flag), -self._proposal()], dtype=torch.int64)
+        self._async = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
+        self._flag = False
+        return decided
 
     def end(self) -> None:
-        """Wait for the control vote in flight, so that no collective outlives the loop (its result
-        counts at the next vote)."""
-        self._ended = self._finish_async()
+        """Wait for the vote in flight, so that no collective outlives the loop (its decision is
+        returned by the next `vote`)."""
+        self._decided = self._finish() or self._decided
 
-    def _finish_async(self) -> bool:
-        ended, self._ended = self._ended, False
+    def _proposal(self) -> int:
+        """This rank's interval: the steps that its recent ones fit into `every_s` seconds."""
+        now = self._clock()
+        sent, self._sent = self._sent, (now, self._steps)
+        if sent is None or now <= sent[0]:
+            return 1
+        step_s = (now - sent[0]) / (self._steps - sent[1])
+        return max(1, min(self.max_every, int(self.every_s / step_s)))
+
+    def _finish(self) -> bool:
         if self._async is None:
-            return ended
+            return False
         work, t = self._async
         work.wait()
         self._async = None
-        return bool(t.item()) or ended
-
-    def _hook(self, state, bucket):  # no annotations: DDP rejects string ones (PEP 563)
-        # (state: unused, bucket: dist.GradBucket) -> Future[Tensor]: the bucket's mean over ranks,
-        # divided first, then summed, as DDP's default all-reduce does.
-        grads = bucket.buffer()
-        grads.div_(self._grad_group.size())
-        if bucket.index() != 0:
-            return (dist.all_reduce(grads, group=self._grad_group, async_op=True).get_future()
-                    .then(lambda fut: fut.value()[0]))
-        # This rank's flag rides at the end of bucket 0, DDP's small first bucket (~1 MB: the copy
-        # that makes room for it is cheap); the sum counts the ranks that ask.
-        packed = torch.cat([grads, torch.full((1,), float(self._flag), dtype=grads.dtype)])
-        self._flag = False
-
-        def unpack(fut: torch.futures.Future) -> torch.Tensor:
-            reduced = fut.value()[0]
-            grads.copy_(reduced[:-1])
-            self._carried.append(reduced[-1:].clone())
-            return grads
-
-        return dist.all_reduce(packed, group=self._grad_group, async_op=True).get_future().then(unpack)
+        self._every = -int(t[1])
+        return bool(t[0])

@@ -84,8 +84,6 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         model.to(memory_format=torch.channels_last)
     blocks = task.blocks(model) if strategy == "fsdp" else None
     wrapped = wrap(model, strategy, env, cfg.compile, blocks, cfg.precision)
-    if strategy == "ddp":  # the per-step stop vote rides in DDP's gradient all-reduce
-        comm.attach(getattr(wrapped, "_orig_mod", wrapped))
     optimizer = _optimizer(cfg, model)
     if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
         from . import sharded

@@ -42,7 +42,8 @@ def markdown(result: dict, out: Path) -> str:
         + (" **--quick: smoke-test sizes, not a measurement.**" if cfg["quick"] else ""),
         "",
         f"One thread per process (OMP_NUM_THREADS=1), gloo; cnn and digits under `torchrun --standalone` "
-        f"(also at one process), linreg as one plain process. Every tool trains the same data, model, "
+        f"(also at one process; ddp-train under `ddp-torchrun`, the launcher it ships: torchrun's own "
+        f"code, then an exit without the interpreter's ~0.5 s teardown), linreg as one plain process. Every tool trains the same data, model, "
         f"global batch, epochs, optimizer and learning rate (`benchmarks/common.py`). {cfg['repeats']} "
         f"repeats, the tools interleaved (forward, then reverse order). Each tool's column is the median "
         f"over repeats; a **ratio** is the median over repeats of ddp-train / that tool within a repeat "
@@ -106,7 +107,8 @@ def _goal(goals: dict, workload: str, procs: str, key: str, diff: float) -> str:
 
 def _shell(cmd: list[str]) -> str:
     """The command as one shell line, without absolute paths: the interpreter is `python`,
-    `python -m torch.distributed.run` is `torchrun`, the repository's files are relative."""
+    `python -m torch.distributed.run` is `torchrun` (`python -m ddp_train.torchrun`: `ddp-torchrun`),
+    the repository's files are relative."""
     py = sys.executable
     words = []
     for c in cmd:
@@ -117,4 +119,5 @@ def _shell(cmd: list[str]) -> str:
         else:
             words.append(c)
     text = " ".join(shlex.quote(w) for w in words)
-    return text.replace("python -m torch.distributed.run", "torchrun")
+    return text.replace("python -m torch.distributed.run", "torchrun").replace(
+        "python -m ddp_train.torchrun", "ddp-torchrun")

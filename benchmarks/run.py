@@ -4,7 +4,7 @@
 
 Every tool runs the same workloads (benchmarks/common.py: the same data, model, global batch,
 epochs, optimizer and learning rate): `cnn` and `digits` under `torchrun --standalone` (also at one
-process, so launch costs are equal), `linreg` (full-batch regression) as one plain process, with
+process, so launch costs are equal; ddp-train under its own `ddp-torchrun`, torchrun with a quick exit), `linreg` (full-batch regression) as one plain process, with
 one thread per process (OMP_NUM_THREADS=1), the tools interleaved (ddp-train, raw, ..., then the
 reverse order) so that drift of a shared machine hits them alike. The baselines: raw_ddp.py /
 raw_linreg.py (hand-written), lightning_fit.py and accelerate_fit.py (skipped, with a note, when
@@ -125,7 +125,10 @@ def command(tool: str, workload: str, procs: int, run_dir: Path, quick: bool, lo
     spec = WORKLOADS[workload]
     size = spec["quick" if quick else "full"]
     if spec["launch"] == "torchrun":
-        launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+        # Each tool under its own launcher: ddp-train's is ddp-torchrun (torchrun, minus torchrun's
+        # ~0.5 s interpreter exit), the others' plain torchrun.
+        launcher = "ddp_train.torchrun" if tool == "ddp_train" else "torch.distributed.run"
+        launch = [PY, "-m", launcher, "--standalone", f"--nproc_per_node={procs}",
                   "--no-python", PY, str(HERE / "peak_rss.py"), str(rss_dir), PY]
     else:
         launch = [PY, str(HERE / "peak_rss.py"), str(rss_dir), PY]

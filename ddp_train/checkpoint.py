@@ -194,7 +194,8 @@ class Checkpointer:
             now = time.monotonic()
             due = durable or step_file or self._written_at is None or now - self._written_at >= self.interval
             if due or best:
-                state = _snapshot(self.state(rngs, True))
+                # The RNG states are fresh copies already (rng_state, gather_object): not walked again.
+                state = {k: v if k == "rng" else _snapshot(v) for k, v in self.state(rngs, True).items()}
                 if due:
                     self._write(state, best, step_file, now)
                     self.last = (last, state["step"])

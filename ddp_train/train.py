@@ -115,8 +115,10 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
                       sharded=strategy == "fsdp")
     policy, state = Policy(cfg), TrainState()
 
+    config = settings.to_dict()  # the same for the whole run
+
     def state_dict(rngs: list[Any] | None, with_tensors: bool) -> dict[str, Any]:
-        return _checkpoint_dict(trainer, state, policy, settings, cfg, env, total, tracker, rngs, with_tensors)
+        return _checkpoint_dict(trainer, state, policy, config, cfg, env, total, tracker, rngs, with_tensors)
 
     saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
                                     (model, optimizer) if sharded_run else None, cfg.save_every_seconds)
@@ -312,7 +314,7 @@ def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, per_epoch: int,
     return ramp if main is None else sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, settings: FitConfig, cfg: FitConfig,
+def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, config: dict[str, Any], cfg: FitConfig,
                      env: DistEnv, total: int, tracker: Tracker, rngs: list[Any] | None,
                      with_tensors: bool) -> dict[str, Any]:
     """The checkpoint dict; without the model and optimizer for sharded checkpoints (DCP writes those)."""
@@ -329,7 +331,7 @@ def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, settings:
         "best": policy.best,
         "early_stopping": policy.state_dict(),
         "train_loss": [st.loss_sum, st.loss_count],
-        "config": settings.to_dict(),
+        "config": config,
         "world_size": env.world_size,
         "total_steps": total,
         "wandb_run_id": tracker.run_id,

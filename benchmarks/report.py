@@ -43,9 +43,9 @@ def markdown(result: dict, out: Path) -> str:
         "",
         f"One thread per process (OMP_NUM_THREADS=1), gloo; cnn and digits under `torchrun --standalone` "
         f"(also at one process; ddp-train under `ddp-torchrun`, the launcher it ships: torchrun's own "
-        f"code, then an exit without the interpreter's ~0.5 s teardown), linreg as one plain process. Every tool trains the same data, model, "
-        f"global batch, epochs, optimizer and learning rate (`benchmarks/common.py`). {cfg['repeats']} "
-        f"repeats, the tools interleaved (forward, then reverse order). Each tool's column is the median "
+        f"code, then an exit without the interpreter's ~0.5 s teardown), linreg as one plain process. "
+        f"Every tool trains the same data, model, global batch, epochs, optimizer and learning rate "
+        f"(`benchmarks/common.py`). {cfg['repeats']} repeats, the tools interleaved (forward, then reverse order). Each tool's column is the median "
         f"over repeats; a **ratio** is the median over repeats of ddp-train / that tool within a repeat "
         f"(runs adjacent in time), and the first-step target uses the median of the differences. "
         f"Throughput and first-step times come from each run's metrics.jsonl (`--log-every "

@@ -4,9 +4,10 @@
 
 Every tool runs the same workloads (benchmarks/common.py: the same data, model, global batch,
 epochs, optimizer and learning rate): `cnn` and `digits` under `torchrun --standalone` (also at one
-process, so launch costs are equal; ddp-train under its own `ddp-torchrun`, torchrun with a quick exit), `linreg` (full-batch regression) as one plain process, with
-one thread per process (OMP_NUM_THREADS=1), the tools interleaved (ddp-train, raw, ..., then the
-reverse order) so that drift of a shared machine hits them alike. The baselines: raw_ddp.py /
+process, so launch costs are equal; ddp-train under its own `ddp-torchrun`, torchrun with a quick
+exit), `linreg` (full-batch regression) as one plain process, with one thread per process
+(OMP_NUM_THREADS=1), the tools interleaved (ddp-train, raw, ..., then the reverse order) so that
+drift of a shared machine hits them alike. The baselines: raw_ddp.py /
 raw_linreg.py (hand-written), lightning_fit.py and accelerate_fit.py (skipped, with a note, when
 `lightning` / `accelerate` are not importable: they are no dependencies of ddp-train). Each run
 gives: steady-state training throughput (cnn, digits) or seconds per step (linreg), and

@@ -10,7 +10,7 @@ steps where a step takes longer, and never more than 2 x `max_every` steps.
 
 Why not every step: on 2 CPU processes a vote of its own costs ~1 ms on a ~2.4 ms digits step.
 Why not inside DDP's gradient all-reduce (a Python comm hook, the previous design): the hook
-replaces DDP's C++ all-reduce and costs 0.16-0.33 ms on that step (benchmarks/vote_cost.py).
+replaces DDP's C++ all-reduce and costs 0.16-0.35 ms on that step (benchmarks/vote_cost.py).
 """
 
 from __future__ import annotations

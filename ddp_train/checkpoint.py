@@ -254,7 +254,7 @@ def _snapshot(obj: Any) -> Any:
         return {k: _snapshot(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
         return type(obj)(_snapshot(v) for v in obj)
-    return obj  # plain values, and lists of them (Python's RNG state: 625 ints), are not changed by training
+    return obj  # plain values, and lists of them, are not changed by training
 
 
 class _Write(threading.Thread):

@@ -9,39 +9,12 @@ import sys
 import traceback
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 from . import __version__
-from .config import ALIASES, FIELDS, build_config, option_name
+from .config import ALIASES, FIELDS, build_config, field_types, option_name
 from .distenv import rank_of
 from .errors import AgreedError, PeerFailure, UsageError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-
-FIT_HELP = """Train a model: one process on CPU, or one process per GPU under torchrun or srun.
-
-\b
-Examples:
-  ddp-train fit                                # digits + MLP on the CPU, seconds
-  torchrun --standalone --nproc_per_node=2 -m ddp_train fit --epochs 3
-  ddp-train fit --data synthetic --model cnn --input-shape 1,28,28 --max-steps 200
-  ddp-train fit --config run.toml --lr 3e-4    # flags override the file
-"""
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        print(f"ddp-train {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: Annotated[Optional[bool], typer.Option(
-        "--version", help="Print the version and exit.", is_eager=True, callback=_print_version)] = None) -> None:
-    """Train PyTorch models on a laptop CPU, one GPU, many GPUs or many Slurm nodes with the same command."""
-
 
 def _fit(config: Optional[str] = None, **options: Any) -> int:
     options["task_args"] = parse_task_args(options.get("task_args"))
@@ -105,9 +78,57 @@ FIT_GROUPS: dict[str, str] = {
 OTHER = "Other"
 
 
-class GroupedCommand(typer.core.TyperCommand):
-    """A command whose help lists its options under FIT_GROUPS' headings (click's plain formatter:
-    rich would cost ~0.2 s per --help)."""
+class FitOption(typer.core.TyperOption):
+    """A fit option converted by its FitConfig field's type. typer (0.29) converts every option
+    through a pydantic TypeAdapter, and importing pydantic for that costs ~0.15 s of every launch;
+    fit's options are str, int, float and bool flags, which need no more than this."""
+
+    def process_value(self, ctx, value: Any) -> Any:
+        if isinstance(value, str) and self.name in FIELDS:
+            value = _convert(value, field_types(self.name), self, ctx)
+        if self.callback is not None:
+            value = self.callback(ctx, self, value)
+        return value
+
+
+def _convert(text: str, types: tuple[type, ...], param: FitOption, ctx) -> Any:
+    kinds = [kind for kind in (int, float) if kind in types]
+    for kind in kinds:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if kinds:
+        name = "an integer" if kinds == [int] else "a number"
+        raise typer.BadParameter(f"{text!r} is not {name}.", ctx=ctx, param=param)
+    return text
+
+
+class _FitOptions:
+    """Makes a command's options (--help included) FitOptions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _as_fit_option(param)
+
+    def get_help_option(self, ctx):
+        return _as_fit_option(super().get_help_option(ctx))
+
+
+def _as_fit_option(param: Any) -> Any:
+    if type(param) is typer.core.TyperOption:
+        param.__class__ = FitOption
+    return param
+
+
+class RootGroup(_FitOptions, typer.core.TyperGroup):
+    """`ddp-train`: --help and --version without pydantic (the tools' own options keep typer's)."""
+
+
+class GroupedCommand(_FitOptions, typer.core.TyperCommand):
+    """fit: its options converted by FitOption, its help listing them under FIT_GROUPS' headings
+    (click's plain formatter: rich would cost ~0.2 s per --help)."""
 
     def format_options(self, ctx, formatter) -> None:
         groups: dict[str, list[tuple[str, str]]] = {g: [] for g in [*dict.fromkeys(FIT_GROUPS.values()), OTHER]}
@@ -119,6 +140,32 @@ class GroupedCommand(typer.core.TyperCommand):
             if records:
                 with formatter.section(heading):
                     formatter.write_dl(records)
+
+
+app = typer.Typer(cls=RootGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+FIT_HELP = """Train a model: one process on CPU, or one process per GPU under torchrun or srun.
+
+\b
+Examples:
+  ddp-train fit                                # digits + MLP on the CPU, seconds
+  torchrun --standalone --nproc_per_node=2 -m ddp_train fit --epochs 3
+  ddp-train fit --data synthetic --model cnn --input-shape 1,28,28 --max-steps 200
+  ddp-train fit --config run.toml --lr 3e-4    # flags override the file
+"""
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ddp-train {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit.", is_eager=True, callback=_print_version)] = False) -> None:
+    """Train PyTorch models on a laptop CPU, one GPU, many GPUs or many Slurm nodes with the same command."""
 
 
 def _option(field: dataclasses.Field) -> inspect.Parameter:
@@ -186,11 +233,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         code = app(args=argv, prog_name="ddp-train", standalone_mode=False)
-    except (click.exceptions.UsageError, typer.BadParameter.__base__) as e:  # typer vendors its own click
+    except typer.BadParameter.__base__ as e:  # click's UsageError (newer typer vendors its own click)
         command = e.ctx.command_path if e.ctx else "ddp-train"
         say(f"{_usage_message(e)} (see `{command} --help`)")
         code = 2
-    except (click.exceptions.Abort, typer.Abort):
+    except typer.Abort:
         code = 130
     except AgreedError as e:
         if not e.reported:

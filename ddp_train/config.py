@@ -239,7 +239,7 @@ def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
             close = suggest(key)
             hint = f" (did you mean {close!r}?)" if close else ""
             raise UsageError(f"{source}: unknown key {key!r}{hint}; valid keys are the fit options")
-        expected = _field_type(key)
+        expected = field_types(key)
         ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
         if value is not None and not ok:
             if float in expected and isinstance(value, int) and not isinstance(value, bool):
@@ -251,7 +251,7 @@ def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _field_type(key: str) -> tuple[type, ...]:
+def field_types(key: str) -> tuple[type, ...]:
     annotation = str(FIELDS[key].type)
     types = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None), "dict": dict}
     annotation = annotation.replace(" ", "").replace("Optional[dict]", "dict|None")

@@ -22,6 +22,9 @@ from .errors import UsageError
 log = logging.getLogger("ddp_train")
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+# Checkpoint entries that training never changes, so a snapshot need not walk them: the RNG states
+# are fresh copies (rng_state, gather_object), the config and versions plain values built once.
+UNCHANGING = frozenset({"rng", "config", "versions"})
 
 
 def rng_state() -> dict[str, Any]:
@@ -194,8 +197,7 @@ class Checkpointer:
             now = time.monotonic()
             due = durable or step_file or self._written_at is None or now - self._written_at >= self.interval
             if due or best:
-                # The RNG states are fresh copies already (rng_state, gather_object): not walked again.
-                state = {k: v if k == "rng" else _snapshot(v) for k, v in self.state(rngs, True).items()}
+                state = {k: v if k in UNCHANGING else _snapshot(v) for k, v in self.state(rngs, True).items()}
                 if due:
                     self._write(state, best, step_file, now)
                     self.last = (last, state["step"])

@@ -8,10 +8,10 @@ import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import FitConfig, parse_shape
 from .errors import UsageError
@@ -278,24 +278,47 @@ def _user_data(cfg: FitConfig) -> DataBundle:
 
 
 def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
-                 cuda: bool, global_batch: int | None = None) -> tuple[DataLoader, TrainSampler]:
+                 cuda: bool, global_batch: int | None = None) -> tuple[Iterable, TrainSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
     sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
     common = _loader_args(ds, workers, cuda, seed)
     if isinstance(ds, TensorData):
-        return DataLoader(ds, sampler=sampler, batch_size=None, **common), sampler
+        return _batches(ds, sampler, common), sampler
     return DataLoader(EpochIndexed(ds, seed), batch_sampler=PerSample(sampler), **common), sampler
 
 
 def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, workers: int,
-                cuda: bool) -> tuple[DataLoader, EvalChunks]:
+                cuda: bool) -> tuple[Iterable, EvalChunks]:
     in_memory = isinstance(ds, TensorData)
     chunks = EvalChunks(len(ds), batch_size, rank, world_size, as_lists=not in_memory)
     common = _loader_args(ds, workers, cuda, 0)
     if in_memory:
-        return DataLoader(ds, sampler=chunks, batch_size=None, **common), chunks
+        return _batches(ds, chunks, common), chunks
     return DataLoader(ds, batch_sampler=chunks, **common), chunks
+
+
+def _batches(ds: TensorData, sampler: Sampler, common: dict) -> Iterable:
+    """In-memory batches: a DataLoader when it has work to do (worker processes, pinned memory),
+    else the gathered batches as it would yield them, without its per-iterator and per-batch
+    machinery (~60 us per epoch and more per batch: a few % of a small model's step)."""
+    if common["num_workers"] or common["pin_memory"]:
+        return DataLoader(ds, sampler=sampler, batch_size=None, **common)
+    return InMemoryBatches(ds, sampler)
+
+
+class InMemoryBatches:
+    """`[x, y]` per sampler key, a list as DataLoader's default_convert makes it."""
+
+    def __init__(self, dataset: TensorData, sampler: Sampler):
+        self.dataset, self.sampler = dataset, sampler
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        dataset = self.dataset
+        return (list(dataset[key]) for key in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _loader_args(ds: Dataset, workers: int, cuda: bool, seed: int) -> dict:

@@ -8,10 +8,9 @@ in one all-reduce, the metric states in one gather; everything is then summed in
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from torch.utils.data import DataLoader
 
 from .batch import count, empty_batch, move_to
 from .dist import Comm
@@ -28,7 +27,7 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 
 class Evaluator:
-    def __init__(self, task: Task, loader: DataLoader, chunks: EvalChunks, device: torch.device, comm: Comm,
+    def __init__(self, task: Task, loader: Iterable, chunks: EvalChunks, device: torch.device, comm: Comm,
                  precision: str = "32", channels_last: bool = False, lockstep: bool = False):
         self.task, self.loader, self.chunks, self.lockstep = task, loader, chunks, lockstep
         self.device, self.comm, self.precision, self.channels_last = device, comm, precision, channels_last

@@ -48,20 +48,22 @@ class RegressionStats:
     def update(self, chunk: int, out: torch.Tensor, y: torch.Tensor) -> None:
         out, y = out.reshape(len(y), -1).double(), y.reshape(len(y), -1).double()
         err = out - y
-        stats = torch.stack([torch.full_like(y[0], len(y)), (err ** 2).sum(0), err.abs().sum(0), y.sum(0),
-                             (y ** 2).sum(0)])
+        sums = torch.stack([err * err, err.abs(), y, y * y]).sum(1)  # one reduction for the four sums
         start = chunk * 5 * self.k
-        self.tensor[start:start + 5 * self.k] = stats.flatten()
+        self.tensor[start:start + self.k] = len(y)
+        self.tensor[start + self.k:start + 5 * self.k] = sums.flatten()
 
     def compute(self) -> dict[str, float]:
         """After the all-reduce: sums run in chunk order, so any world size gives the same bits."""
         chunks = self.tensor.view(self.num_chunks, 5, self.k)
-        count, sse, sae, sy, syy = torch.zeros_like(chunks[0]).unbind(0)
-        for c in range(self.num_chunks):
-            count, sse, sae, sy, syy = (a + b for a, b in zip((count, sse, sae, sy, syy), chunks[c].unbind(0)))
+        total = chunks[0]
+        for c in range(1, self.num_chunks):
+            total = total + chunks[c]
+        count, sse, sae, sy, syy = total.unbind(0)
         sst = syy - sy ** 2 / count
-        return {"mse": (sse.sum() / count.sum()).item(), "mae": (sae.sum() / count.sum()).item(),
-                "r2": (1 - sse / sst).mean().item()}
+        n = count.sum()
+        mse, mae, r2 = torch.stack([sse.sum() / n, sae.sum() / n, (1 - sse / sst).mean()]).tolist()
+        return {"mse": mse, "mae": mae, "r2": r2}
 
 
 # --metrics names for the built-in tasks: torchmetrics classes and their arguments.

@@ -219,6 +219,16 @@ def _usage_message(e: Exception) -> str:
     return e.format_message()
 
 
+def _command_path(e: Exception, argv: list[str]) -> str:
+    """The command whose --help answers the error; an option used without its value (or a flag
+    given one) comes without a context, so the command is read from argv."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        return ctx.command_path
+    commands = {info.name for info in app.registered_commands}
+    return f"ddp-train {argv[0]}" if argv[0] in commands else "ddp-train"
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script. With `argv` (tests, embedding) it ends in SystemExit as usual; as the
     process's own entry point it skips the interpreter's teardown after a job (see exit_process)."""
@@ -234,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="ddp-train", standalone_mode=False)
     except typer.BadParameter.__base__ as e:  # click's UsageError (newer typer vendors its own click)
-        command = e.ctx.command_path if e.ctx else "ddp-train"
-        say(f"{_usage_message(e)} (see `{command} --help`)")
+        say(f"{_usage_message(e)} (see `{_command_path(e, argv)} --help`)")
         code = 2
     except typer.Abort:
         code = 130

@@ -101,6 +101,8 @@ def test_config_file_then_flags(captured, tmp_path):
     pytest.param(["fit", "--epochs", "1.5"], ["--epochs", "'1.5' is not an integer"], id="float-for-int"),
     pytest.param(["fit", "--lr", "fast"], ["--lr", "'fast' is not a number", "ddp-train fit --help"], id="bad-float"),
     pytest.param(["fit", "--batchsize", "3"], ["No such option: --batchsize", "--batch-size"], id="unknown-option"),
+    pytest.param(["fit", "--lr"], ["'--lr' requires an argument", "ddp-train fit --help"], id="missing-value"),
+    pytest.param(["fit", "--wandb=yes"], ["does not take a value", "ddp-train fit --help"], id="flag-with-value"),
     pytest.param(["fit", "surplus"], ["unexpected extra argument", "surplus"], id="extra-argument"),
     pytest.param(["fti"], ["No such command", "fti"], id="unknown-command"),
     pytest.param(["fit", "--precision", "16"], ["--precision must be one of 32, bf16, fp16", "'16'"], id="bad-choice"),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, cpu_malloc
 from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name
 from .data import TensorData, check_sizes, eval_loader, rank0_first, train_loader
 from .dist import Comm
@@ -44,6 +44,8 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     device = torch.device(env.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        cpu_malloc.keep_large_blocks()
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU (CPUs lack fast fp16 and GradScaler support); "
                          "use --precision bf16 or 32 on CPU")

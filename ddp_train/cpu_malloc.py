@@ -28,6 +28,19 @@ def user_tuned(env: Mapping[str, str]) -> bool:
     return any(v in env for v in _USER_VARS) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
 
 
+def describe(env: Mapping[str, str]) -> str:
+    """What a CPU run does to malloc here, for `ddp-train env`."""
+    import platform
+
+    lib, version = platform.libc_ver()
+    if not sys.platform.startswith("linux") or lib != "glibc":
+        return "not glibc: left as it is"
+    if user_tuned(env):
+        return f"glibc {version}: your MALLOC_* / GLIBC_TUNABLES settings, left as they are"
+    return (f"glibc {version}: CPU runs keep blocks up to {MMAP_THRESHOLD >> 20} MiB in the heap "
+            "(a MALLOC_*_THRESHOLD_ variable set here keeps yours)")
+
+
 def keep_large_blocks(env: Mapping[str, str] = os.environ) -> bool:
     """Raise glibc's mmap and trim thresholds; True when they were set."""
     if not sys.platform.startswith("linux") or user_tuned(env):

@@ -167,6 +167,10 @@ def test_env_reports_single_launch():
     result = invoke("env")
     assert result.exit_code == 0, result.output
     assert "launch     single" in result.stdout and "gloo       available" in result.stdout
+    if sys.platform.startswith("linux"):
+        assert "CPU runs keep blocks up to 256 MiB in the heap" in result.stdout
+        mine = invoke("env", "--json", env={"MALLOC_TRIM_THRESHOLD_": "131072"})
+        assert "your MALLOC_* / GLIBC_TUNABLES settings" in json.loads(mine.stdout)["malloc"]
 
 
 def test_env_shows_bad_settings_as_warnings():

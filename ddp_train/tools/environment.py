@@ -8,6 +8,7 @@ from typing import Annotated, Any, Mapping
 
 import typer
 
+from ..cpu_malloc import describe as describe_malloc
 from ..distenv import DistEnv
 from ..errors import UsageError
 
@@ -58,7 +59,8 @@ def collect(environ: Mapping[str, str]) -> dict[str, Any]:
         "cudnn": _cudnn(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
         "nccl": nccl, "gloo": dist.is_gloo_available(), "mpi": dist.is_mpi_available(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "gpus": gpus, "launch": launch, "warnings": warnings,
+        "torch_threads": torch.get_num_threads(), "malloc": describe_malloc(environ), "gpus": gpus,
+        "launch": launch, "warnings": warnings,
     }
 
 
@@ -133,6 +135,7 @@ def render(r: dict[str, Any]) -> str:
     build = f"CUDA {r['cuda_build']} build" if r["cuda_build"] else "CPU-only build"
     lines = [f"python     {r['python']} on {r['platform']}", f"torch      {r['torch']} ({build})",
              f"CPU        {r['cpu_cores']} cores usable, {r['torch_threads']} torch threads",
+             f"malloc     {r['malloc']}",
              f"CUDA       {'available' if r['cuda_available'] else 'not available'}",
              f"cuDNN      {yes(r['cudnn'])}", f"NCCL       {yes(r['nccl'])}", f"gloo       {yes(r['gloo'])}",
              f"MPI        {yes(r['mpi'])}"]

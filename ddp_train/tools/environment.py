@@ -17,7 +17,7 @@ LAUNCH_KEYS = ("launcher", "rank", "local_rank", "world_size", "local_world_size
 
 
 def env(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:
-    """Versions (torch, CUDA, cuDNN, NCCL, gloo), GPUs, and the launch this process would join.
+    """Versions (torch, CUDA, cuDNN, NCCL, gloo), GPUs, malloc, and the launch this process would join.
 
     The launch part is what `fit` would derive from the environment here: launcher, rank, local
     rank, world size, master address and port, backend and device, with warnings for settings

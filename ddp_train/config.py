@@ -59,8 +59,9 @@ class FitConfig:
     optimizer: str = opt("adam", "Optimizer.", choices=("sgd", "adam", "adamw"))
     momentum: float = opt(0.9, "SGD momentum.", min=0)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
-    scheduler: str = opt("none", "LR schedule, stepped every optimizer step.",
-                         choices=("none", "cosine", "step", "onecycle"))
+    scheduler: str = opt("none", "LR schedule, stepped every optimizer step (linear: decay to 0, after any "
+                         "--warmup-steps, as Hugging Face Trainer's default).",
+                         choices=("none", "cosine", "linear", "step", "onecycle"))
     lr_step_epochs: int = opt(30, "--scheduler step: epochs between decays.", min=1)
     lr_gamma: float = opt(0.1, "--scheduler step: decay factor.", positive=True)
     warmup_steps: int = opt(0, "Linear learning-rate warm-up over this many steps, before any --scheduler.", min=0)
@@ -301,6 +302,7 @@ def config_from_dict(values: dict[str, Any]) -> FitConfig:
     return FitConfig(**check_types(known, "checkpoint config"))
 
 
-def dump_json(cfg: FitConfig, launch: dict[str, Any], path: Path) -> None:
-    """The settings at the top level (what `fit --run-dir` reads back), how it ran under "launch"."""
-    path.write_text(json.dumps({**cfg.to_dict(), "launch": launch}, indent=2, sort_keys=True) + "\n")
+def dump_json(cfg: FitConfig, launch: dict[str, Any], path: Path, **sections: Any) -> None:
+    """The settings at the top level (what `fit --run-dir` reads back), how it ran under "launch",
+    and any other `sections` (the optimizer and schedule as built) under their own names."""
+    path.write_text(json.dumps({**cfg.to_dict(), "launch": launch, **sections}, indent=2, sort_keys=True) + "\n")

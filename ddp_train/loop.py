@@ -20,6 +20,7 @@ from .errors import PEER_LOST, TrainingError
 from .evaluation import Evaluator, autocast
 from .checkpoint import Checkpointer
 from .log import Reporter
+from .optim import Schedule
 from .policy import Policy
 from .task import Task
 from .userfn import user_error
@@ -42,10 +43,13 @@ class Trainer:
     """Owns what changes the weights: the wrapped model, optimizer, scheduler and scaler."""
 
     def __init__(self, task: Task, model: torch.nn.Module, wrapped: torch.nn.Module, optimizer: Any,
-                 scheduler: Any, scaler: Any, cfg: FitConfig, device: torch.device, precision: str = "32",
+                 schedule: Schedule | None, scaler: Any, cfg: FitConfig, device: torch.device, precision: str = "32",
                  sharded: bool = False):
         self.task, self.model, self.wrapped = task, model, wrapped
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.optimizer, self.scaler = optimizer, scaler
+        self.scheduler = schedule.scheduler if schedule is not None else None
+        self.per_epoch_schedule = schedule is not None and schedule.interval == "epoch"
+        self.lr = optimizer.param_groups[0]["lr"]  # the learning rate of the last step taken
         self.device, self.precision, self.channels_last = device, precision, cfg.channels_last
         self.clip, self.skip_nonfinite = cfg.clip_grad_norm, cfg.skip_nonfinite
         self.inner = getattr(wrapped, "_orig_mod", wrapped)
@@ -78,6 +82,7 @@ class Trainer:
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
     def _apply(self) -> bool:
+        self.lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         applied = True
@@ -96,13 +101,14 @@ class Trainer:
         elif applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self.per_epoch_schedule:
             self.scheduler.step()
         return applied
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def end_epoch(self) -> None:
+        """A per-epoch schedule steps once each epoch has ended."""
+        if self.scheduler is not None and self.per_epoch_schedule:
+            self.scheduler.step()
 
 
 class LossWindow:
@@ -224,6 +230,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             epoch_ended = st.batch_in_epoch >= batches
             if epoch_ended:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                trainer.end_epoch()
             # A vote may still be in flight on the control group: the collectives below queue
             # behind it in the same order on every rank, and its answer is read at the next vote.
             if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):

@@ -35,7 +35,12 @@ class Task:
     - `criterion(outputs, targets)` -> the mean loss (default: cross-entropy for integer targets,
       else mean squared error); defining it lets evaluation get loss and metrics from one forward;
     - `blocks(model)` -> the modules to shard one by one under --strategy fsdp (default: the
-      model's top-level children that hold parameters).
+      model's top-level children that hold parameters);
+    - `optimizer(model, cfg)` -> a torch.optim.Optimizer over the model's parameters, with any
+      parameter groups (default: None, the built-in --optimizer/--lr/--weight-decay);
+    - `scheduler(optimizer, cfg, steps)` -> a learning-rate scheduler stepped after every optimizer
+      step, or (scheduler, "epoch") to step it after every epoch (default: None, the built-in
+      --scheduler/--warmup-steps).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Task":
@@ -83,6 +88,20 @@ class Task:
         return nn.functional.mse_loss(outputs.float(), targets.view_as(outputs).float())
 
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        return None
+
+    def optimizer(self, model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer | None:
+        """Build the optimizer from `model`'s parameters (the sharded ones under FSDP: build it here,
+        not in `model()`). Any torch.optim class and parameter groups, e.g. no weight decay on biases
+        and norm weights. Recorded in config.json by class and per-group hyper-parameters; a resume
+        refuses a different one. None: the built-in --optimizer."""
+        return None
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, cfg: FitConfig, steps: Any) -> Any:
+        """Build the learning-rate schedule of `optimizer`: return a torch.optim.lr_scheduler
+        scheduler (stepped after every optimizer step) or (scheduler, "epoch") (stepped after every
+        epoch). `steps.total` is the run's optimizer steps, `steps.per_epoch` an epoch's (None for
+        streaming data). Saved and restored with checkpoints. None: the built-in --scheduler."""
         return None
 
     @property

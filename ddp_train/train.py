@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, cpu_malloc
+from . import __version__, checkpoint, cpu_malloc, optim
 from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name
 from .data import TensorData, check_sizes, eval_loader, rank0_first, train_loader
 from .dist import Comm
@@ -86,12 +86,18 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         model.to(memory_format=torch.channels_last)
     blocks = task.blocks(model) if strategy == "fsdp" else None
     wrapped = wrap(model, strategy, env, cfg.compile, blocks, cfg.precision)
-    optimizer = _optimizer(cfg, model)
+    with user_code("--task", cfg.task, "building its optimizer"):
+        optimizer = optim.task_optimizer(task, cfg, model)
+    optimizer_described = optim.describe_optimizer(optimizer)  # before a schedule or a load changes its lrs
     if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
         from . import sharded
 
         sharded.load(ckpt_path, model, optimizer)
-    scheduler = _scheduler(cfg, optimizer, per_epoch, total)
+    with user_code("--task", cfg.task, "building its schedule"):
+        schedule = optim.task_scheduler(task, cfg, optimizer, optim.StepPlan(per_epoch, total))
+    optimization = {"optimizer": optimizer_described, "scheduler": optim.describe_schedule(schedule)}
+    if ckpt is not None:
+        _check_same_optimization(ckpt, optimization, ckpt_path)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     if cfg.data_on_device and device.type == "cuda":
         splits = {k: v.to(device) if isinstance(v, TensorData) else v for k, v in splits.items()}
@@ -107,20 +113,21 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
              "device": env.device, "strategy": strategy, "run_dir": str(run_dir)}
     files = RunFiles(run_dir) if main else NullFiles()
     if main:
-        dump_json(settings, extra, run_dir / "config.json")
+        dump_json(settings, extra, run_dir / "config.json", optimization=optimization)
     tracker = Tracker()
     if main and cfg.wandb:
         tracker = make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
                                {**settings.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
     report = Reporter(files, tracker, Progress(cfg.progress) if main else NullProgress())
-    trainer = Trainer(task, model, wrapped, optimizer, scheduler, scaler, cfg, device, _autocast(cfg, strategy),
+    trainer = Trainer(task, model, wrapped, optimizer, schedule, scaler, cfg, device, _autocast(cfg, strategy),
                       sharded=strategy == "fsdp")
     policy, state = Policy(cfg), TrainState()
 
     config = settings.to_dict()  # the same for the whole run
 
     def state_dict(rngs: list[Any] | None, with_tensors: bool) -> dict[str, Any]:
-        return _checkpoint_dict(trainer, state, policy, config, cfg, env, total, tracker, rngs, with_tensors)
+        return {**_checkpoint_dict(trainer, state, policy, config, cfg, env, total, tracker, rngs, with_tensors),
+                "optimization": optimization}
 
     saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
                                     (model, optimizer) if sharded_run else None, cfg.save_every_seconds)
@@ -268,7 +275,7 @@ def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: 
     elif old_world != env.world_size:
         log.info("world size %d -> %d: the same global batch of %d, the same trajectory", old_world, env.world_size,
                  cfg.global_batch_size)
-    if cfg.scheduler in ("cosine", "onecycle") and ckpt.get("total_steps", total) != total:
+    if cfg.scheduler in ("cosine", "linear", "onecycle") and ckpt.get("total_steps", total) != total:
         diffs.append(f"total steps {ckpt['total_steps']} -> {total} (the {cfg.scheduler} schedule's length; "
                      "keep --epochs/--max-steps)")
     if diffs:
@@ -283,37 +290,14 @@ def _init_from(model: nn.Module, cfg: FitConfig) -> None:
     log.info("initialised weights from %s", cfg.init_from)
 
 
-def _optimizer(cfg: FitConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        cls, kwargs["momentum"] = torch.optim.SGD, cfg.momentum
-    else:
-        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    try:
-        # One kernel for all parameters: ~20% off a small model's step on CPU (torch's CPU default is
-        # a Python loop over tensors), and the fast path on GPUs.
-        return cls(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return cls(params, **kwargs)
-
-
-def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, per_epoch: int, total: int) -> Any:
-    sched = torch.optim.lr_scheduler
-    warmup = min(cfg.warmup_steps, total)
-    if warmup and cfg.scheduler == "onecycle":
-        raise UsageError("--scheduler onecycle has its own warm-up; drop --warmup-steps (or use cosine)")
-    main = None
-    if cfg.scheduler == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
-    elif cfg.scheduler == "step":
-        main = sched.StepLR(optimizer, step_size=cfg.lr_step_epochs * per_epoch, gamma=cfg.lr_gamma)
-    elif cfg.scheduler == "onecycle":
-        main = sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    if not warmup:
-        return main
-    ramp = sched.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    return ramp if main is None else sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+def _check_same_optimization(ckpt: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """The optimizer and schedule are the checkpoint's (their state would not fit another's)."""
+    saved = ckpt.get("optimization")
+    diffs = optim.differences(saved, now) if saved is not None else []
+    if diffs:
+        raise UsageError(f"cannot resume {path}: the optimizer or schedule differs from the checkpoint's "
+                         f"({'; '.join(diffs)}); restore it, or start a new run (--resume never, or another "
+                         "--run-dir; --init-from takes its weights only)")
 
 
 def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, config: dict[str, Any], cfg: FitConfig,

@@ -11,7 +11,7 @@ from ddp_train.config import FitConfig
 from ddp_train.errors import UsageError
 from ddp_train.models import build_model
 from ddp_train.task import BuiltinTask
-from ddp_train.train import _scheduler
+from ddp_train.optim import StepPlan, build_scheduler
 from ddp_train.transforms import batch_hashes, padded_crop_flip, sample_hash, seeded
 
 
@@ -39,7 +39,7 @@ def test_pretrained_without_weights_or_network_is_one_line(tmp_path, monkeypatch
 def test_warmup_ramps_linearly_then_hands_over():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)
-    sched = _scheduler(FitConfig(warmup_steps=4, scheduler="cosine", epochs=1), opt, per_epoch=12, total=12)
+    sched = build_scheduler(FitConfig(warmup_steps=4, scheduler="cosine", epochs=1), opt, StepPlan(12, 12)).scheduler
     lrs = []
     for _ in range(12):
         lrs.append(opt.param_groups[0]["lr"])

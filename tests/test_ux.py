@@ -162,7 +162,7 @@ def test_fit_help_shows_choices_as_the_metavar():
     assert "[default: adam]" in lines["--optimizer"] and "<str>" not in lines["--optimizer"]
     assert lines["--precision"].split()[1] == "[32|bf16|fp16]"
     assert lines["--preempt-signal"].split()[1] == "[USR1|USR2]"
-    assert lines["--scheduler"].split()[1:] == ["[none|cosine|step|onecycle]"]  # help on the next line
+    assert lines["--scheduler"].split()[1:] == ["[none|cosine|linear|step|onecycle]"]  # help on the next line
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["--version"], []])

@@ -30,7 +30,9 @@ UNCHANGING = frozenset({"rng", "config", "versions"})
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only (the current one): get_rng_state_all() holds one state per
+        # visible GPU, which a resume with fewer visible GPUs, or this rank on another index, cannot use.
+        state["cuda"] = torch.cuda.get_rng_state()
     try:
         import numpy as np
     except ImportError:
@@ -45,8 +47,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible at save time
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     if "numpy" in state:
         import numpy as np
         n = state["numpy"]

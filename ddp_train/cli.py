@@ -14,7 +14,7 @@ import typer
 from . import __version__
 from .config import ALIASES, FIELDS, build_config, field_types, option_name
 from .distenv import rank_of
-from .errors import AgreedError, PeerFailure, UsageError
+from .errors import AgreedError, PeerFailure, RankError, UsageError
 
 def _fit(config: Optional[str] = None, **options: Any) -> int:
     options["task_args"] = parse_task_args(options.get("task_args"))
@@ -255,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
             elif getattr(e, "details", "") and rank == 0:
                 print(e.details, end="", file=sys.stderr)
             say(str(e))
+        code = e.exit_code
+    except RankError as e:
+        if debug:
+            traceback.print_exc()
+        elif e.details:
+            print(e.details, end="", file=sys.stderr)
+        print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
         code = e.exit_code
     except PeerFailure as e:
         print(f"error: [rank {rank}] stopping: {e}", file=sys.stderr, flush=True)

@@ -115,6 +115,25 @@ class Comm:
             self._store.set(self.abort_key, f"rank {self.env.rank}: {message}")
             time.sleep(1.0)  # let the watchdogs read it before this rank's sockets close
 
+    def all_failed(self, what: str, wait_s: float = 5.0) -> bool:
+        """Not a collective: call it on each rank where `what` failed. True when every rank reports
+        the same failure within `wait_s` (the error is then agreed: rank 0 alone reports it); False
+        where some rank did not fail, e.g. an out-of-memory on one GPU only (the error is this rank's)."""
+        if not self.active:
+            return True
+        if self._store is None:
+            return False
+        key, world = f"ddp_train/failed/{what}", self.env.world_size
+        try:
+            failed = self._store.add(key, 1)
+            deadline = time.monotonic() + wait_s
+            while failed < world and time.monotonic() < deadline:
+                time.sleep(0.05)
+                failed = self._store.add(key, 0)
+        except Exception:  # the store is gone: another rank has ended already
+            return False
+        return failed >= world
+
     def peer_failure(self) -> str | None:
         """Not a collective: the failure another rank announced, if any."""
         if self._store is None:
@@ -174,6 +193,7 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
     kwargs: dict[str, Any] = {}
     if env.backend == "nccl":
         kwargs["device_id"] = torch.device(env.device)
+        torch.cuda.set_device(kwargs["device_id"])  # before NCCL sees the group, as torch's examples do
     dist.init_process_group(env.backend, store=_store(env, timeout), rank=env.rank,
                             world_size=env.world_size, timeout=timeout, **kwargs)
     # Flags and objects travel in a CPU group of their own: they never wait behind the gradient

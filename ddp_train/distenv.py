@@ -48,7 +48,8 @@ class DistEnv:
         else:
             launcher, fields = "single", dict(rank=0, local_rank=0, world_size=1, local_world_size=1,
                                               master_addr="127.0.0.1", master_port=0)
-        device = _device(fields["local_rank"], fields["local_world_size"], cuda_devices)
+        device = _device(fields["local_rank"], fields["local_world_size"], cuda_devices,
+                         shared=launcher == "torchrun" and backend != "gloo")
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
         elif backend == "nccl" and not device.startswith("cuda"):
@@ -116,11 +117,17 @@ def first_host(nodelist: str) -> str:
     return prefix + suffix
 
 
-def _device(local_rank: int, local_world_size: int, cuda_devices: int) -> str:
+def _device(local_rank: int, local_world_size: int, cuda_devices: int, shared: bool = False) -> str:
+    """`shared`: every local process sees the same GPUs (torchrun gives its workers one environment)
+    and the backend needs one GPU per process (NCCL refuses two ranks on one: "Duplicate GPU")."""
     if cuda_devices == 0:
         return "cpu"
     if cuda_devices == 1 and local_world_size > 1:
-        return "cuda:0"  # the scheduler gave each process its own GPU (e.g. --gpus-per-task=1)
+        if shared:
+            raise UsageError(f"local rank {local_rank} has no GPU of its own: {local_world_size} processes on this "
+                             "node share its one visible GPU, and NCCL needs one GPU per process; start one "
+                             "process per GPU (torchrun --nproc_per_node=1), or pass --backend gloo to share it")
+        return "cuda:0"  # the scheduler gave each process its own GPU (e.g. srun --gpus-per-task=1)
     if local_rank >= cuda_devices:
         raise UsageError(f"local rank {local_rank} has no GPU: {cuda_devices} visible on this node; "
                          f"start at most {cuda_devices} processes per node")

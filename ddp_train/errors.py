@@ -24,6 +24,15 @@ class TrainingError(AgreedError):
     """Training cannot go on (e.g. a non-finite loss): one line on rank 0, exit code 1."""
 
 
+class RankError(Exception):
+    """An error of this rank alone (another rank may be fine, e.g. an out-of-memory on one GPU):
+    the rank that raises it prints it, naming itself; the others stop as their peer failed."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CRASH, details: str = ""):
+        super().__init__(message)
+        self.exit_code, self.details = exit_code, details
+
+
 class PeerFailure(Exception):
     """Another rank failed or vanished; its own error says why."""
 

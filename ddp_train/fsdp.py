@@ -73,6 +73,11 @@ def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         # The model's output (logits) in float32, so that the loss is computed in float32.
         root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    # FSDP2 shards contiguous parameters only: a channels_last model keeps that layout in its
+    # inputs (a convolution follows its input's memory format), its weights become contiguous.
+    for p in model.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
     for block in default_blocks(model) if blocks is None else blocks:
         if block is model:
             raise UsageError("the root model is not a block: it is sharded last, by shard() itself")

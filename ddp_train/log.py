@@ -212,11 +212,16 @@ class Reporter:
         self.files.event(name, **fields)
 
     def train(self, step: int, epoch: int, total: int, epochs: int, samples: int, loss: float, lr: float,
-              rate: float) -> None:
-        self.files.event("train", step=step, epoch=epoch, samples=samples, loss=loss, lr=lr)
-        self.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step)
+              rate: float, memory: dict[str, float] | None = None) -> None:
+        """`memory`: this rank's CUDA peaks (gpumem.peaks), shown and recorded on GPU runs."""
+        memory = memory or {}
+        self.files.event("train", step=step, epoch=epoch, samples=samples, loss=loss, lr=lr, **memory)
+        self.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate,
+                          **{f"train/{k}": v for k, v in memory.items()}}, step)
+        mem = (f" mem {memory['max_mem_allocated_gib']:.1f}/{memory['max_mem_reserved_gib']:.1f} GiB"
+               if memory else "")
         self.progress.show(f"epoch {epoch}/{epochs} step {step}/{total} loss {loss:.4f} lr {lr:.3g} "
-                           f"{rate:.0f} samples/s")
+                           f"{rate:.0f} samples/s{mem}")
 
     def evaluation(self, row: dict[str, Any], epochs: int) -> None:
         self.files.history_row(row)

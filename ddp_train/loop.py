@@ -16,8 +16,9 @@ import torch
 from .batch import count, move_to, shapes
 from .config import FitConfig
 from .dist import Comm
-from .errors import PEER_LOST, TrainingError
+from .errors import PEER_LOST, RankError, TrainingError
 from .evaluation import Evaluator, autocast
+from .gpumem import named_oom, peaks
 from .checkpoint import Checkpointer
 from .log import Reporter
 from .optim import Schedule
@@ -201,10 +202,8 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
         while not epoch_ended and st.step < total:
             group = min(cfg.grad_accum, batches - st.batch_in_epoch)
             micro = [next(batches_iter) for _ in range(group)]
-            if first_step:
-                losses, applied = _first_step(run, micro)
-            else:
-                losses, applied = trainer.step(micro)
+            with named_oom(trainer.device, f"training step {st.step + 1}"):
+                losses, applied = _first_step(run, micro) if first_step else trainer.step(micro)
             window.add(losses, st.step + 1, st.epoch + 1)
             seen += sum(n for _, n in losses) * world_size
             st.step += 1
@@ -218,7 +217,8 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 sync_loss()
                 now = time.perf_counter()
                 rate = (seen - seen_log) / max(now - t_log, 1e-9)
-                run.report.train(st.step, st.epoch + 1, total, cfg.epochs, seen, _last_mean(st), trainer.lr, rate)
+                run.report.train(st.step, st.epoch + 1, total, cfg.epochs, seen, _last_mean(st), trainer.lr, rate,
+                                 peaks(trainer.device))
                 t_log, seen_log = now, seen
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
@@ -248,14 +248,21 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
 
 def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
     """The first step runs the user's model and loss on real data for the first time: a failure
-    there is a mismatch between data and model, reported in one line naming what was loaded."""
+    there is a mismatch between data and model, reported in one line naming what was loaded. When
+    it failed on this rank only (a compile failure, a rank-specific bug), this rank reports it."""
     try:
         return run.trainer.step(micro)
+    except torch.OutOfMemoryError:
+        raise  # named by the caller, with the memory figures
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
         if run.comm.peer_failure() or any(s in str(e) for s in PEER_LOST):
             raise
-        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})",
-                           "make the model fit the batch's shapes")
+        hint = ("this model uses an operation without a deterministic kernel on this device: drop "
+                "--deterministic, or replace that layer" if "deterministic implementation" in str(e)
+                else "make the model fit the batch's shapes")
+        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})", hint)
+        if not run.comm.all_failed("first_step"):
+            raise RankError(str(error), error.exit_code, error.details) from e
         raise error from e
 
 
@@ -281,7 +288,8 @@ def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
     st, cfg = run.state, run.cfg
     train_loss = _last_mean(st)
     st.loss_sum = st.loss_count = 0.0
-    results = run.evaluator(run.trainer.model)
+    with named_oom(run.trainer.device, f"the evaluation at step {st.step}", evaluation=True):
+        results = run.evaluator(run.trainer.model)
     if not math.isfinite(results["val_loss"]):
         raise TrainingError(f"the validation loss became {results['val_loss']} at step {st.step} (epoch "
                             f"{st.epoch}); {run.saver.describe_last()}. Lower --lr or add --clip-grad-norm")

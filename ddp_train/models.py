@@ -8,6 +8,7 @@ import math
 from collections import OrderedDict
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .errors import UsageError
@@ -40,9 +41,18 @@ def cnn(input_shape: tuple[int, ...], num_outputs: int, **_) -> nn.Module:
     return _named(
         ("conv1", nn.Conv2d(input_shape[0], 32, kernel_size=3)), ("pool1", nn.MaxPool2d(2)),
         ("conv2", nn.Conv2d(32, 64, kernel_size=5)), ("pool2", nn.MaxPool2d(2)),
-        ("dropout", nn.Dropout2d(p=0.1)), ("adaptive_pool", nn.AdaptiveMaxPool2d((1, 1))),
+        ("dropout", nn.Dropout2d(p=0.1)), ("adaptive_pool", GlobalMaxPool()),
         ("flatten", nn.Flatten()), ("linear1", nn.Linear(64, 32)), ("relu", nn.ReLU()),
         ("linear2", nn.Linear(32, num_outputs)))
+
+
+class GlobalMaxPool(nn.Module):
+    """nn.AdaptiveMaxPool2d((1, 1)) as a max over height and width: the same output, and a
+    backward that has a deterministic CUDA kernel (AdaptiveMaxPool2d's has none, so
+    --deterministic would stop at the first step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)
 
 
 def _named(*layers: tuple[str, nn.Module]) -> nn.Sequential:

@@ -1,5 +1,5 @@
 """The strategy: DDP (several processes), FSDP2 (several processes, sharded), DataParallel (one
-process, several GPUs), or the bare module. `wrap` returns what trains; the bare module stays the
+process, several GPUs; ddp_train.dataparallel), or the bare module. `wrap` returns what trains; the bare module stays the
 handle for state dicts (under FSDP they are the same object: fully_shard works in place)."""
 
 from __future__ import annotations
@@ -44,13 +44,17 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv, compile: bool, blocks: l
     """Returns the module to train; `model` stays the bare handle for state dicts and evaluation."""
     if strategy == "ddp":
         ids = [torch.device(env.device).index] if env.device.startswith("cuda") else None
-        wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # Gradients as views into the all-reduce buckets: no second copy of them, no copy per step.
+        wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                                 gradient_as_bucket_view=True)
     elif strategy == "fsdp":
         from .fsdp import shard
 
         wrapped = shard(model, blocks, precision=precision, device=env.device)
     elif strategy == "dp":
-        wrapped = nn.DataParallel(model)
+        from .dataparallel import ReplicaParallel
+
+        wrapped = ReplicaParallel(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
     else:
         wrapped = model
     return torch.compile(wrapped) if compile else wrapped

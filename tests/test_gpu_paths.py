@@ -1,0 +1,166 @@
+"""The GPU code paths whose mechanism runs on CPU: DataParallel's replicas (threads) and gathered
+losses, FSDP with channels_last, a first-step error on one rank only, the CUDA RNG state per
+device (a fake device count), the device per rank, the data-on-device loader, the TF32/benchmark
+settings. The CUDA runs themselves are in tests/test_gpu.py (pytest -m gpu)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_fit
+from ddp_train import checkpoint
+from ddp_train.dataparallel import Autocast, ReplicaParallel, combine
+from ddp_train.distenv import DistEnv
+from ddp_train.errors import UsageError
+
+TASKS = "tests.fixtures.tasks"
+
+
+# --- DataParallel: what each replica thread computes, and how the replicas' outputs combine -------
+
+def _in_replica_thread(fn):
+    """Run `fn` as torch's parallel_apply runs a replica: a new thread that enters autocast with
+    `enabled` only (so it gets the thread's default dtype, not the main thread's)."""
+    out = {}
+
+    def worker():
+        with torch.autocast("cpu", enabled=True):
+            out["value"] = fn()
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_replicas_compute_in_the_runs_autocast_dtype():
+    lin, x = nn.Linear(4, 4), torch.randn(2, 4)
+    default = torch.get_autocast_dtype("cpu")
+    wanted = torch.float16 if default == torch.bfloat16 else torch.bfloat16
+    with torch.autocast("cpu", dtype=wanted):
+        assert _in_replica_thread(lambda: lin(x).dtype) == default  # torch's thread: not the run's dtype
+        assert _in_replica_thread(lambda: Autocast(lin, wanted)(x).dtype) == wanted
+
+
+def test_scalar_losses_combine_to_the_full_batch_mean():
+    torch.manual_seed(0)
+    net, x, y = nn.Linear(6, 3), torch.randn(7, 6), torch.randint(0, 3, (7,))
+    full = nn.functional.cross_entropy(net(x), y)
+    full.backward()
+    expected = net.weight.grad.clone()
+    net.weight.grad = None
+    # DataParallel's scatter gives unequal chunks (7 over 2 replicas: 4 and 3)
+    parts = [(net(x[:4]), nn.functional.cross_entropy(net(x[:4]), y[:4])),
+             (net(x[4:]), nn.functional.cross_entropy(net(x[4:]), y[4:]))]
+    logits, loss = combine(parts, [4, 3], "cpu")
+    assert loss.dim() == 0 and torch.allclose(loss, full)
+    assert torch.equal(logits, net(x))
+    loss.backward()  # the gathered vector of per-replica losses could not do this
+    assert torch.allclose(net.weight.grad, expected, atol=1e-6)
+    assert combine([{"n": torch.tensor(2.0)}, {"n": torch.tensor(4.0)}], [1, 1], "cpu")["n"] == 3.0
+
+
+def test_replica_parallel_weights_scalars_by_each_replicas_samples():
+    dp = ReplicaParallel(nn.Linear(6, 3), torch.bfloat16)
+    assert isinstance(dp.module, Autocast) and dp.module.dtype == torch.bfloat16
+    assert isinstance(ReplicaParallel(nn.Linear(6, 3)).module, nn.Linear)  # fp32: no autocast layer
+    dp._samples = [4, 3]  # what scatter recorded (scatter itself needs CUDA)
+    out = dp.gather([torch.tensor(1.0), torch.tensor(8.0)], "cpu")
+    assert out.dim() == 0 and out.item() == pytest.approx((4 * 1 + 3 * 8) / 7)
+
+
+# --- FSDP + channels_last, the cnn under --deterministic -------------------------------------------
+
+def test_fsdp_shards_a_channels_last_model(tmp_path):
+    import torch.distributed as dist
+
+    from ddp_train import fsdp
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+        fsdp.shard(net, None, device="cpu")  # raised NotImplementedError (non-contiguous parameters)
+        x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+        net(x).sum().backward()
+        assert all(p.grad is not None for p in net.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cnn_has_no_layer_without_a_deterministic_cuda_backward():
+    from ddp_train.models import cnn
+
+    net = cnn((1, 28, 28), 10)
+    assert not any(isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) for m in net.modules())
+    x = torch.randn(3, 64, 4, 4)
+    assert torch.equal(net.adaptive_pool(x), nn.AdaptiveMaxPool2d((1, 1))(x))
+
+
+# --- one rank fails at the first step ------------------------------------------------------------
+
+def test_all_failed_tells_a_rank_local_failure_from_an_agreed_one():
+    import torch.distributed as dist
+
+    from ddp_train.dist import Comm
+
+    store = dist.HashStore()
+    env = DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+    comm = Comm(env, store=store)
+    assert not comm.all_failed("first_step", wait_s=0.2)  # only this rank: its own error
+    store.add("ddp_train/failed/again", 1)  # the other rank failed too
+    assert comm.all_failed("again", wait_s=5)
+
+
+def test_out_of_memory_on_one_rank_is_reported_by_that_rank(tmp_path):
+    proc = run_fit(2, "--task", f"{TASKS}:OutOfMemoryOnRank1", "--run-dir", str(tmp_path / "r"), "--no-progress",
+                   check=False, timeout=180)
+    err = proc.stderr
+    assert proc.returncode != 0, err
+    line = next((ln for ln in err.splitlines() if ln.startswith("error: [rank 1]")), "")
+    assert "out of memory during training step 1 (cpu; CUDA out of memory. Tried to allocate 20.00 GiB" in line, err
+    assert "lower --batch-size" in line and "--strategy fsdp" in line, err
+    assert "its own log says why" not in err or "out of memory" in err
+
+
+# --- the CUDA RNG state is the rank's own device's, whatever the visible count -------------------
+
+def test_cuda_rng_state_is_saved_and_restored_for_this_device_only(monkeypatch):
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(8)]  # 8 GPUs visible at save
+    restored = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: list(states))
+    monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": states[3])
+    monkeypatch.setattr(cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    monkeypatch.setattr(cuda, "set_rng_state_all", lambda all_states: restored.extend(all_states))
+    saved = checkpoint.rng_state()
+    assert torch.equal(saved["cuda"], states[3])
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)  # resumed where this rank has cuda:0 only
+    checkpoint.set_rng_state(saved)
+    assert len(restored) == 1 and torch.equal(restored[0][0], states[3])
+    restored.clear()
+    checkpoint.set_rng_state({**saved, "cuda": states})  # an older checkpoint's list: this device's entry
+    assert len(restored) == 1 and torch.equal(restored[0][0], states[0])
+
+
+# --- the device of each rank -----------------------------------------------------------------------
+
+def _torchrun_env(local_world: int) -> dict[str, str]:
+    return {"RANK": "1", "WORLD_SIZE": str(local_world), "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": str(local_world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+
+
+def test_torchrun_ranks_sharing_one_gpu_under_nccl_are_refused():
+    with pytest.raises(UsageError, match="local rank 1 has no GPU of its own.*--nproc_per_node=1.*--backend gloo"):
+        DistEnv.from_environ(_torchrun_env(2), cuda_devices=1)
+    assert DistEnv.from_environ(_torchrun_env(2), cuda_devices=1, backend="gloo").device == "cuda:0"
+    assert DistEnv.from_environ(_torchrun_env(2), cuda_devices=2).device == "cuda:1"
+    slurm = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "7",
+             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "n1"}
+    assert DistEnv.from_environ(slurm, cuda_devices=1).device == "cuda:0"  # srun --gpus-per-task=1

@@ -10,7 +10,9 @@ import atexit
 import contextlib
 import gc
 import io
+import ipaddress
 import os
+import socket
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .distenv import DistEnv
+from .distenv import DistEnv, is_loopback
 from .errors import EXIT_CRASH, AgreedError, PeerFailure
 from .stopvote import StopVote
 
@@ -276,6 +278,40 @@ def _store(env: DistEnv, timeout: timedelta, client: bool = False) -> Any:
     """The job's key-value store, under a prefix per restart attempt: torchrun's agent store outlives
     a restart, and without the prefix the new workers read the old ones' addresses and hang."""
     host = env.is_main and not env.agent_store and not client
+    listen = _listen_socket(env) if host else None
     tcp = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host, timeout=timeout,
-                        wait_for_workers=False)
+                        wait_for_workers=False, master_listen_fd=listen.detach() if listen else None)
     return dist.PrefixStore(f"ddp_train/attempt_{env.restart_count}", tcp)
+
+
+def bind_address(env: DistEnv) -> tuple[socket.AddressFamily, str] | None:
+    """Not a collective: where rank 0's store listens. The address MASTER_ADDR resolves to here
+    (the one every rank dials), so a job named on 127.0.0.1 is not reachable from the network;
+    None (all interfaces, TCPStore's own choice) where that would shut out the other nodes: a
+    multi-node job whose master name resolves to loopback on its own host (Debian maps the host
+    name to 127.0.1.1), or a name that cannot be resolved."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(env.master_addr, env.master_port,
+                                                       type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError):
+        return None
+    spans_nodes = env.local_world_size < env.world_size
+    if ipaddress.ip_address(sockaddr[0]).is_loopback and spans_nodes and not is_loopback(env.master_addr):
+        return None
+    return family, sockaddr[0]
+
+
+def _listen_socket(env: DistEnv) -> socket.socket | None:
+    """A socket listening on `bind_address` for TCPStore to serve on, or None for TCPStore's own."""
+    address = bind_address(env)
+    if address is None:
+        return None
+    sock = socket.socket(address[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address[1], env.master_port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:  # in use: TCPStore's own attempt reports it; not local (NAT): all interfaces
+        sock.close()
+        return None
+    return sock

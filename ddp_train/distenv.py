@@ -7,6 +7,7 @@ it plain dicts. It is the only place that interprets launcher variables.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -15,7 +16,7 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class DistEnv:
-    launcher: str  # torchrun | env | slurm | single
+    launcher: str  # torchrun | env | slurm | mpi | lsf | single
     rank: int
     local_rank: int
     world_size: int
@@ -41,10 +42,16 @@ class DistEnv:
     @classmethod
     def from_environ(cls, env: Mapping[str, str], cuda_devices: int = 0,
                      backend: str = "auto") -> "DistEnv":
+        mpi = _mpi_family(env)
         if "RANK" in env or "WORLD_SIZE" in env:
-            launcher, fields = _torchrun(env)
+            launcher, fields = _torchrun(env, cuda_devices)
+        elif mpi is not None:  # before Slurm: mpirun in an allocation starts its daemons with srun
+            launcher, fields = mpi[0], _mpi(env, mpi, cuda_devices)
         elif "SLURM_PROCID" in env and _int(env, "SLURM_STEP_NUM_TASKS", 1) > 1:
             launcher, fields = "slurm", _slurm(env)
+        elif "PMIX_RANK" in env:
+            raise UsageError("PMIX_RANK is set but nothing gives the world size: launch with mpirun or srun, "
+                             "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
         else:
             launcher, fields = "single", dict(rank=0, local_rank=0, world_size=1, local_world_size=1,
                                               master_addr="127.0.0.1", master_port=0)
@@ -56,7 +63,7 @@ class DistEnv:
             raise UsageError("--backend nccl needs a CUDA GPU and none is visible; use --backend gloo "
                              "(or auto) on CPU")
         # The Slurm job id survives a requeue; torchrun --standalone draws a new id every launch.
-        run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID") or None
+        run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID") or _job_id(env) or None
         if run_id == "none":
             run_id = None
         restarts = max(_int(env, "TORCHELASTIC_RESTART_COUNT", 0), _int(env, "SLURM_RESTART_COUNT", 0))
@@ -76,7 +83,7 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         raise UsageError(f"environment variable {key} must be an integer (got {value!r})") from None
 
 
-def _torchrun(env: Mapping[str, str]) -> tuple[str, dict]:
+def _torchrun(env: Mapping[str, str], cuda_devices: int) -> tuple[str, dict]:
     for key in ("RANK", "WORLD_SIZE"):
         if key not in env:
             other = "WORLD_SIZE" if key == "RANK" else "RANK"
@@ -89,10 +96,95 @@ def _torchrun(env: Mapping[str, str]) -> tuple[str, dict]:
         raise UsageError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun, "
                          "or set both to rank 0's address and a free port")
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
-    return launcher, dict(rank=rank, local_rank=_int(env, "LOCAL_RANK", rank), world_size=world,
-                          local_world_size=_int(env, "LOCAL_WORLD_SIZE", world),
-                          master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                          master_port=_int(env, "MASTER_PORT", 0))
+    master = env.get("MASTER_ADDR", "127.0.0.1")
+    if "LOCAL_RANK" in env:
+        local = _int(env, "LOCAL_RANK", 0), _int(env, "LOCAL_WORLD_SIZE", world)
+    elif "LOCAL_WORLD_SIZE" in env:  # ranks are placed node by node, as torchrun and Kubeflow do
+        per_node = _int(env, "LOCAL_WORLD_SIZE", 1)
+        if per_node < 1:
+            raise UsageError(f"LOCAL_WORLD_SIZE={per_node} must be at least 1")
+        local = rank % per_node, per_node
+    else:
+        local = _unknown_local(rank, world, master, cuda_devices, "set LOCAL_RANK (or LOCAL_WORLD_SIZE)")
+    return launcher, dict(rank=rank, local_rank=local[0], world_size=world, local_world_size=local[1],
+                          master_addr=master, master_port=_int(env, "MASTER_PORT", 0))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (no name lookup: pure)."""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _unknown_local(rank: int, world: int, master: str, cuda_devices: int, fix: str) -> tuple[int, int]:
+    """(local rank, processes on this node) when the launcher does not say: every rank is on this
+    node when the master is loopback; else this node holds one process, which only matters (and
+    is only safe to assume) when the node has at most one GPU."""
+    if world == 1 or is_loopback(master):
+        return rank, world
+    if cuda_devices <= 1:
+        return 0, 1
+    raise UsageError(f"cannot tell which of this node's {cuda_devices} GPUs rank {rank} should use: {fix} "
+                     "for each process, or launch with torchrun")
+
+
+# MPI and LSF launchers: (launcher, family, rank, world size, local rank, processes on the node).
+_MPI_FAMILIES = (
+    ("mpi", "Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("lsf", "LSF jsrun", "JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE", "JSM_NAMESPACE_LOCAL_RANK",
+     "JSM_NAMESPACE_LOCAL_SIZE"),
+    ("mpi", "MPICH/Intel MPI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+
+
+def _mpi_family(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    return next((f for f in _MPI_FAMILIES if f[3] in env), None)
+
+
+def _mpi(env: Mapping[str, str], family: tuple[str, ...], cuda_devices: int) -> dict:
+    launcher, name, rank_key, size_key, local_key, local_size_key = family
+    world = _int(env, size_key, 1)
+    rank = _int(env, rank_key, _int(env, "PMIX_RANK", 0))
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"{rank_key}={rank} is not in range for {size_key}={world}")
+    if local_key in env:
+        local = _int(env, local_key, 0), _int(env, local_size_key, 1)
+    elif "SLURM_LOCALID" in env:  # srun --mpi=pmi2
+        local = _int(env, "SLURM_LOCALID", 0), _int(env, local_size_key, 1)
+    else:
+        local = _unknown_local(rank, world, env.get("MASTER_ADDR", ""), cuda_devices,
+                               f"set {local_key} (or LOCAL_RANK)")
+    single_node = local[1] >= world
+    master = env.get("MASTER_ADDR") or ("127.0.0.1" if single_node else _first_compute_host(env))
+    if not master:
+        raise UsageError(f"{name} started {world} ranks on several nodes and nothing names rank 0's host: "
+                         "set MASTER_ADDR to it and MASTER_PORT to a free port, e.g. mpirun -x "
+                         "MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...")
+    port = _int(env, "MASTER_PORT", 0)
+    if not port:
+        job = _job_id(env) or env.get("SLURM_JOB_ID")
+        if not job:
+            raise UsageError(f"{name}: nothing names this job, so its rendezvous port cannot be derived: "
+                             "set MASTER_PORT to a free port on rank 0's host")
+        port = 15000 + zlib.crc32(job.encode()) % 20000
+    return dict(rank=rank, local_rank=local[0], world_size=world, local_world_size=local[1],
+                master_addr=master, master_port=port)
+
+
+def _first_compute_host(env: Mapping[str, str]) -> str | None:
+    """Where rank 0 runs when the scheduler placed the ranks: LSF's first compute host (the first
+    entry of LSB_MCPU_HOSTS is the launch node, which runs no rank under jsrun), else Slurm's
+    first node (mpirun maps ranks onto the allocation's nodes in order)."""
+    lsf = env.get("LSB_MCPU_HOSTS", "").split()[::2]
+    if lsf:
+        return lsf[1] if len(lsf) > 1 else lsf[0]
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    return first_host(nodelist) if nodelist else None
+
+
+def _job_id(env: Mapping[str, str]) -> str | None:
+    """The MPI or LSF launch's id, the same on every rank of one launch."""
+    return env.get("LSB_JOBID") or env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE") or None
 
 
 def _slurm(env: Mapping[str, str]) -> dict:

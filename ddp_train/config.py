@@ -276,6 +276,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 # Per invocation: never taken from a run directory's saved settings.
 PER_INVOCATION = frozenset({"run_dir", "resume", "overwrite", "init_from", "init_strict", "debug"})
 
+# How a run is invoked or shown, not which run it is: left out of its identity.
+NOT_IDENTITY = frozenset({"run_dir", "resume", "overwrite", "debug", "progress", "log_all_ranks"})
+
+
+def run_identity(cfg: FitConfig, world_size: int) -> dict[str, Any]:
+    """What defines a run, for its default directory's name: the settings that differ from their
+    defaults (an option added later with a default leaves existing names alone) and the number of
+    processes, unless --global-batch-size makes the run independent of it."""
+    identity = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name not in NOT_IDENTITY and getattr(cfg, f.name) != f.default}
+    if not cfg.global_batch_size:
+        identity["world_size"] = world_size
+    return identity
+
 
 def build_config(cli_values: dict[str, Any], config_file: str | None = None) -> FitConfig:
     """Defaults < the run directory's saved settings (when continuing it) < TOML file < flags

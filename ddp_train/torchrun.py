@@ -1,24 +1,55 @@
-"""`python -m ddp_train.torchrun ARGS`: torchrun itself (the same arguments), ending without the
-interpreter's teardown once it has succeeded.
+"""`ddp-torchrun ARGS` (`python -m ddp_train.torchrun`): torchrun itself (the same arguments), with
+ddp_train's exits.
 
-torchrun's agent sees its workers exit within ~0.03 s, then its own interpreter exit (torch is
-loaded) takes ~0.5 s on 2 CPU cores: more than the whole of ddp_train's teardown. This ends the
-agent the way `ddp-train` ends its workers (ddp_train.dist.exit_process: atexit handlers run,
-files are closed, then os._exit). A failure takes torchrun's usual path (its report, exit 1)."""
+- After a success it ends without the interpreter's teardown: torchrun's agent sees its workers
+  exit within ~0.03 s, then its own interpreter exit (torch is loaded) takes ~0.5 s on 2 CPU cores,
+  more than the whole of ddp_train's teardown. It ends the way `ddp-train` ends its workers
+  (ddp_train.dist.exit_process: atexit handlers run, files are closed, then os._exit).
+- When a worker exits with a code of its own (2 bad input, 3 preempted, 1 crash), that worker has
+  already said why on its `error:` line: the launcher exits with the same code and adds nothing
+  (plain torchrun exits 1 and prints its ChildFailedError report with a traceback of its frames).
+  A worker killed by a signal said nothing, so one line names it.
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+
+
+class _SpokenFailures(logging.Filter):
+    """Drops the agent's "failed (exitcode: N)" record for a worker that exited on its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("failed (exitcode: " in message and "exitcode: -" not in message)
+
 
 def main() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     from .dist import exit_process
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_SpokenFailures())
     try:
         torchrun()
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal (the OOM killer, kill -9): the worker could not say so
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            print(f"error: rank {rank} (pid {failure.pid}) was killed by {name} (out of memory, or killed from "
+                  "outside); the other ranks stopped; rerun the same command to continue from the last "
+                  "checkpoint", file=sys.stderr, flush=True)
+            code = 1
     exit_process(code)
 
 

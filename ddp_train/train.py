@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint, cpu_malloc, optim
-from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name
+from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_identity
 from .data import TensorData, check_sizes, eval_loader, rank0_first, train_loader
 from .dist import Comm
 from .distenv import DistEnv
@@ -146,10 +146,10 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
             log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
                      state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch)
         else:
-            more = "raise --patience" if stopped else "raise --epochs or --max-steps"
-            log.info("nothing to do: the run in %s already %s (step %d of %d); %s to train longer, or pass "
-                     "another --run-dir for a new run", run_dir, "stopped early" if stopped else "finished",
-                     state.step, total, more)
+            more = "--patience N" if stopped else "--epochs N (or --max-steps N)"
+            log.info("nothing to do: the run in %s already %s (step %d of %d); to train it longer: --run-dir %s "
+                     "%s; for a new run, change a setting or pass another --run-dir", run_dir,
+                     "stopped early" if stopped else "finished", state.step, total, run_dir, more)
             report.close(state.step, 0)
             return _result("nothing_to_do", state, run_dir, {}, policy, saver)
     started = time.perf_counter()
@@ -221,18 +221,19 @@ def _check_monitor(cfg: FitConfig, names: list[str]) -> None:
         raise UsageError(f"--monitor {cfg.monitor} is not a metric of this run; choose one of {', '.join(names)}")
 
 
-def default_run_dir(cfg: FitConfig) -> Path:
-    """runs/<data>-<model>-<hash of the settings that shape training>: the identical command finds
-    its own run again (and resumes it); other settings get another directory."""
-    shaping = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in RESUMABLE_CHANGES}
-    digest = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def default_run_dir(cfg: FitConfig, world_size: int) -> Path:
+    """runs/<data>-<model>-<hash of the run's identity>: the identical command (same settings, same
+    number of processes) finds its own run again and continues it; any other command gets a
+    directory of its own."""
+    identity = json.dumps(run_identity(cfg, world_size), sort_keys=True, default=str)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     name = cfg.task.rpartition(":")[2] if cfg.task else f"{cfg.data}-{cfg.model}"
     return Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
 
 
 def prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
     """Rank 0: choose and create the run directory and pick the checkpoint to resume, if any."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, env.world_size)
     ckpt_dir = run_dir / "checkpoints"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -280,8 +281,8 @@ def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: 
                      "keep --epochs/--max-steps)")
     if diffs:
         raise UsageError(f"cannot resume {path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
-                         "restore them, or start a new run (--resume never, or another --run-dir; "
-                         "--init-from takes its weights only)")
+                         "to continue that run, restore them (--run-dir alone reads its settings back); "
+                         "for a new run, pass another --run-dir or leave --run-dir out")
 
 
 def _init_from(model: nn.Module, cfg: FitConfig) -> None:
@@ -296,8 +297,8 @@ def _check_same_optimization(ckpt: dict[str, Any], now: dict[str, Any], path: Pa
     diffs = optim.differences(saved, now) if saved is not None else []
     if diffs:
         raise UsageError(f"cannot resume {path}: the optimizer or schedule differs from the checkpoint's "
-                         f"({'; '.join(diffs)}); restore it, or start a new run (--resume never, or another "
-                         "--run-dir; --init-from takes its weights only)")
+                         f"({'; '.join(diffs)}); to continue that run, restore it; for a new run, pass another "
+                         "--run-dir or leave --run-dir out")
 
 
 def _checkpoint_dict(trainer: Trainer, st: TrainState, policy: Policy, config: dict[str, Any], cfg: FitConfig,

@@ -4,9 +4,14 @@
     torchrun --standalone --nproc_per_node=2 examples/char_lm.py # DDP, two processes
     ddp-train fit --task examples/char_lm.py:CharLM --task-arg n_layer=1 --epochs 2
 
+Each command gets a run directory of its own (runs/CharLM-<hash>); RUN_DIR names one instead
+(the Slurm scripts set it).
+
 The model's forward takes (idx, targets) and returns (logits, loss), as GPT-style code does; the
 Task says how to get the loss and what to measure. Everything distributed is ddp_train's.
 """
+
+import os
 
 import torch
 import torchmetrics
@@ -95,6 +100,6 @@ class CharLM(Task):
 
 
 if __name__ == "__main__":
-    result = fit(CharLM(), epochs=3, batch_size=32, lr=3e-3, monitor="val_acc", run_dir="runs/char-lm")
+    result = fit(CharLM(), epochs=3, batch_size=32, lr=3e-3, monitor="val_acc", run_dir=os.environ.get("RUN_DIR"))
     print(f"{result.status}: step {result.step}, val_loss {result.metrics.get('val_loss', float('nan')):.3f}, "
           f"val_acc {result.metrics.get('val_acc', float('nan')):.3f}; best {result.best}; {result.run_dir}")

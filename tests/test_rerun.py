@@ -32,17 +32,31 @@ def run_dirs(cwd: Path) -> list[Path]:
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_the_identical_command_continues_its_run(tmp_path, nproc):
-    first = fit(tmp_path, *OPTS, "--max-steps", "3", nproc=nproc)
+    cmd = [*OPTS, "--max-steps", "6", "--save-every", "3"]
+    first = fit(tmp_path, *cmd, nproc=nproc)
     assert first.returncode == 0, first.stderr
     [run_dir] = run_dirs(tmp_path)
     assert run_dir.name.startswith("synthetic-mlp-")
-    second = fit(tmp_path, *OPTS, "--max-steps", "6", nproc=nproc)  # a longer run is the same run
-    assert second.returncode == 0, second.stderr
-    assert f"resumed from {run_dir.relative_to(tmp_path)}/checkpoints/last.pt: epoch 1, step 3" in second.stderr
+    ckpts = run_dir / "checkpoints"
+    for name in ("last.pt", "step-00000006.pt"):  # as if the job had died after step 3's checkpoint
+        (ckpts / name).unlink()
+    again = fit(tmp_path, *cmd, "--debug", nproc=nproc)  # --debug: how it is shown, not which run
+    assert again.returncode == 0, again.stderr
+    rel = run_dir.relative_to(tmp_path)
+    assert f"resumed from {rel}/checkpoints/step-00000003.pt: epoch 1, step 3" in again.stderr, again.stderr
     assert run_dirs(tmp_path) == [run_dir]
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
-    other = fit(tmp_path, *OPTS, "--max-steps", "3", "--lr", "0.01", nproc=nproc)  # other settings: other run
-    assert other.returncode == 0 and len(run_dirs(tmp_path)) == 2
+    assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_any_other_command_is_a_new_run(tmp_path):
+    """`make fit`, then the README's next command: another run, not "nothing to do" or a refusal."""
+    assert fit(tmp_path, *OPTS, "--max-steps", "3").returncode == 0
+    for other in (["--max-steps", "6"], ["--max-steps", "3", "--lr", "0.01"]):
+        proc = fit(tmp_path, *OPTS, *other)
+        assert proc.returncode == 0 and "resumed from" not in proc.stderr, proc.stderr
+    proc = fit(tmp_path, *OPTS, "--max-steps", "3", nproc=2)  # another launch shape: another run
+    assert proc.returncode == 0 and "resumed from" not in proc.stderr, proc.stderr
+    assert len(run_dirs(tmp_path)) == 4
 
 
 def test_run_dir_alone_continues_with_the_saved_settings(tmp_path):
@@ -64,6 +78,7 @@ def test_finished_and_early_stopped_runs_have_nothing_to_do(tmp_path):
     assert fit(tmp_path, *OPTS, "--epochs", "2", "--run-dir", str(done)).returncode == 0
     again = fit(tmp_path, *OPTS, "--epochs", "2", "--run-dir", str(done))
     assert again.returncode == 0 and "nothing to do" in again.stderr and "already finished" in again.stderr
+    assert f"to train it longer: --run-dir {done} --epochs N" in again.stderr
     # train_loss falls, so with --mode max it "does not improve" and patience 1 stops at epoch 2
     stopped = tmp_path / "stopped"
     early = [*OPTS, "--epochs", "5", "--monitor", "train_loss", "--mode", "max", "--patience", "1",

@@ -41,7 +41,7 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complete
 def test_readme_example_under_torchrun(tmp_path):
     """examples/char_lm.py (the README's "Your own model") as a script under torchrun, 2 ranks."""
     proc = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(EXAMPLE)], tmp_path)
-    run_dir = tmp_path / "runs" / "char-lm"
+    [run_dir] = (tmp_path / "runs").glob("CharLM-*")  # a directory of its own, named for the Task
     rows = _history(run_dir)
     assert len(rows) == 3 and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) < 3.5
     assert proc.stdout.count("done: step") == 2  # each rank's script gets its result back

@@ -73,7 +73,7 @@ def test_two_rank_run_exits_soon_after_done(tmp_path):
 @pytest.mark.slow
 def test_ddp_train_torchrun_ends_sooner_and_keeps_exit_codes(tmp_path):
     """`python -m ddp_train.torchrun` is torchrun without its ~0.5 s interpreter exit: the same
-    run ends sooner after `done:` (best of three, interleaved), and a failed worker still fails it."""
+    run ends sooner after `done:` (best of three, interleaved), and a failed worker's code is its exit code."""
     fit = ["--standalone", "--nproc_per_node=2", "-m", "ddp_train", "fit", "--epochs", "1", "--no-progress"]
     plain, quick = [], []
     for i in range(3):
@@ -86,7 +86,8 @@ def test_ddp_train_torchrun_ends_sooner_and_keeps_exit_codes(tmp_path):
     assert min(quick) < min(plain), report
     failed = subprocess.run([sys.executable, "-m", "ddp_train.torchrun", *fit, "--epochs", "0"], capture_output=True,
                             text=True, env=base_env(), cwd=ROOT, timeout=240)
-    assert failed.returncode == 1 and "error: --epochs must be >= 1 (got 0)" in failed.stderr, failed.stderr
+    assert failed.returncode == 2 and "error: --epochs must be >= 1 (got 0)" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr, failed.stderr  # the workers' code and line, no launcher report
 
 
 def test_exit_process_closes_files_and_keeps_the_code(tmp_path):

@@ -47,20 +47,9 @@ def shapes(batch: Any) -> str:
     return type(batch).__name__
 
 
-def empty_batch(dataset: Any) -> Any:
-    """A batch of zero samples with the structure and shapes of `dataset`'s batches."""
-    from torch.utils.data import default_collate
-
+def first_sample(loader: Any) -> Any:
+    """A batch of the first sample of `loader`'s data set, built as the loader builds its batches."""
+    dataset = loader.dataset
     if hasattr(dataset, "x") and hasattr(dataset, "y"):  # TensorData: slices are batches
-        return dataset[slice(0, 0)]
-    return _head(default_collate([dataset[0]]))
-
-
-def _head(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:0]
-    if isinstance(batch, dict):
-        return {k: _head(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_head(v) for v in batch)
-    return batch
+        return list(dataset[slice(0, 1)])
+    return loader.collate_fn([dataset[0]])

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .batch import count, empty_batch, move_to
+from .batch import count, first_sample, move_to
 from .dist import Comm
 from .metrics import ChunkedMetric
 from .sampling import EvalChunks
@@ -55,6 +55,7 @@ class Evaluator:
         need_outputs = stats is not None or self.metrics or outputs is not None
         was_training = model.training
         model.eval()
+        batch = None
         try:
             for chunk_id, batch in zip(self.chunks.chunk_ids(), self.loader):
                 batch = move_to(batch, self.device, self.channels_last)
@@ -67,7 +68,7 @@ class Evaluator:
                 if outputs is not None:
                     outputs.append((chunk_id, _float(out).cpu()))
             if self.lockstep:
-                self._pad(model, need_outputs)
+                self._pad(model, need_outputs, batch)
         finally:
             model.train(was_training)
         synced = torch.cat([losses, stats.tensor]) if stats is not None else losses
@@ -92,15 +93,18 @@ class Evaluator:
                     out, target = self.task.eval_step(model, batch)
         return loss, out, target
 
-    def _pad(self, model: torch.nn.Module, need_outputs: bool) -> None:
+    def _pad(self, model: torch.nn.Module, need_outputs: bool, last: Any) -> None:
         """Sharded models gather parameters in every forward, a collective: each rank runs as many
-        forwards as the rank with the most chunks, the missing ones on an empty batch."""
+        forwards as the rank with the most chunks, the missing ones on a real batch whose results
+        are discarded (this rank's last one, else the first sample): many models (Hugging Face's)
+        reject an empty batch."""
         most = -(-self.chunks.num_chunks // self.chunks.world_size)
         missing = most - len(self.chunks.chunk_ids())
         if missing:
-            empty = move_to(empty_batch(self.loader.dataset), self.device, self.channels_last)
+            filler = last if last is not None else move_to(first_sample(self.loader), self.device,
+                                                           self.channels_last)
             for _ in range(missing):
-                self._forward(model, empty, need_outputs)
+                self._forward(model, filler, need_outputs)
 
     def _metric_results(self, states: list[tuple[int, list[dict]]]) -> dict[str, float]:
         """Rank 0 merges every chunk's metric states in chunk order and computes; all ranks get it."""

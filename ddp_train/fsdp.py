@@ -78,12 +78,29 @@ def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision:
     for p in model.parameters():
         if not p.is_contiguous():
             p.data = p.data.contiguous()
+    norms = running_stat_norms(model) if dtype is not None else []
+    for norm in norms:
+        fully_shard(norm, mesh=mesh, mp_policy=MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype))
     for block in default_blocks(model) if blocks is None else blocks:
         if block is model:
             raise UsageError("the root model is not a block: it is sharded last, by shard() itself")
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        if not any(block is n for n in norms):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
+
+
+def running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    """Norm layers with running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with
+    track_running_stats), other than the root. Under bf16 each is sharded as a unit of its own
+    that computes in float32 (its inputs cast up, its output back to bf16), as FSDP1's
+    MixedPrecision leaves _BatchNorm modules out of the cast by default: their float32 running
+    statistics cannot meet bf16 weights, and batch statistics are too coarse in bf16. LayerNorm,
+    GroupNorm and RMSNorm have no running statistics and stay in their block's bf16, as in
+    torchtitan. Costs one small all-gather per such layer and forward."""
+    return [m for m in model.modules() if m is not model and isinstance(m, nn.modules.batchnorm._NormBase)
+            and m.track_running_stats and any(True for _ in m.parameters())]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -176,5 +193,5 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     return out
 
 
-__all__ = ["shard", "default_blocks", "clip_grad_norm", "accumulating", "full_state_dict", "local_bytes",
+__all__ = ["shard", "default_blocks", "running_stat_norms", "clip_grad_norm", "accumulating", "full_state_dict", "local_bytes",
            "bare_key"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from .batch import count, move_to, shapes
 from .config import FitConfig
@@ -57,6 +58,7 @@ class Trainer:
         self.ddp = self.inner if isinstance(self.inner, torch.nn.parallel.DistributedDataParallel) else None
         self.sharded = sharded  # FSDP2: gradient sync and clipping through ddp_train.fsdp
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffers = persistent_buffers(model)
 
     def step(self, micro_batches: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
         """Forward, loss and backward for each micro-batch (gradients all-reduced on the last one
@@ -106,10 +108,38 @@ class Trainer:
             self.scheduler.step()
         return applied
 
+    def sync_buffers(self) -> None:
+        """Collective: every rank takes rank 0's buffers (BatchNorm running statistics), so that
+        evaluation, the best-checkpoint choice and the checkpoint see one model. Rank 0's, not the
+        average: DDP itself broadcasts rank 0's buffers before every training forward
+        (broadcast_buffers), so rank 0's are the ones training used, and a DDP checkpoint is rank 0's.
+        FSDP does not sync buffers at all: this makes its ranks (and its checkpoint) agree too."""
+        if self.buffers and dist.is_initialized() and dist.get_world_size() > 1:
+            for same_dtype in _by_dtype(self.buffers):
+                flat = torch.cat([b.reshape(-1) for b in same_dtype])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for b in same_dtype:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
     def end_epoch(self) -> None:
         """A per-epoch schedule steps once each epoch has ended."""
         if self.scheduler is not None and self.per_epoch_schedule:
             self.scheduler.step()
+
+
+def persistent_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a checkpoint saves (BatchNorm's running mean, variance and batch count)."""
+    return [b for m in model.modules() for name, b in m.named_buffers(recurse=False)
+            if name not in m._non_persistent_buffers_set]
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
 
 
 class LossWindow:
@@ -223,6 +253,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
                 sync_loss()
+                trainer.sync_buffers()
                 path = run.saver.save(step_file=run.policy.step_file_due(st.step), durable=True)
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
                 on_preempt()
@@ -241,6 +272,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                     return "early_stop", last_row
             elif run.policy.step_file_due(st.step):
                 sync_loss()
+                trainer.sync_buffers()
                 run.saver.save(step_file=True)
     comm.end_votes()
     return "done", last_row
@@ -288,6 +320,7 @@ def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
     st, cfg = run.state, run.cfg
     train_loss = _last_mean(st)
     st.loss_sum = st.loss_count = 0.0
+    run.trainer.sync_buffers()
     with named_oom(run.trainer.device, f"the evaluation at step {st.step}", evaluation=True):
         results = run.evaluator(run.trainer.model)
     if not math.isfinite(results["val_loss"]):

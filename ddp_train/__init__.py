@@ -8,8 +8,10 @@ Importing the package stays light (no torch): `Task`, `fit` and the rest load on
 __version__ = "0.1.0"
 
 _LAZY = {"Task": "task", "fit": "api", "FitResult": "result", "FitConfig": "config", "UsageError": "errors",
-         "TrainingError": "errors", "TensorData": "data"}
-__all__ = ["Task", "fit", "FitResult", "FitConfig", "UsageError", "TrainingError", "TensorData", "__version__"]
+         "TrainingError": "errors", "Stopped": "errors", "Preempted": "errors", "Interrupted": "errors",
+         "TensorData": "data"}
+__all__ = ["Task", "fit", "FitResult", "FitConfig", "UsageError", "TrainingError", "Stopped", "Preempted",
+           "Interrupted", "TensorData", "__version__"]
 
 
 def __getattr__(name: str):

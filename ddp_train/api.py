@@ -4,8 +4,10 @@
     result = fit(MyTask(), epochs=3, batch_size=32, run_dir="runs/x")
 
 Works under `python`, `torchrun` and srun alike: the launch is read from the environment. Bad input
-raises ddp_train.UsageError (the one line the command line prints); a preempted run returns with
-status "preempted" once its checkpoint is durable.
+raises ddp_train.UsageError (the one line the command line prints). A run stopped by a signal
+raises ddp_train.Preempted (SIGTERM, --preempt-signal: exit code 3) or ddp_train.Interrupted
+(Ctrl-C: 130) once its checkpoint is durable: SystemExits, so a script that does not catch them
+exits as the command line does, without a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import traceback
 
 from .config import FitConfig, build_config, check_types
-from .errors import PEER_LOST, AgreedError, PeerFailure
+from .errors import PEER_LOST, AgreedError, Interrupted, PeerFailure, Preempted
 from .result import FitResult
 from .task import Task
 
@@ -27,7 +29,15 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
         **options: Any) -> FitResult:
     """Train `task` (default: the built-in task of --data/--model) with `options`, which take the
     names of `ddp-train fit`'s options (epochs=3, batch_size=32, ...), or a whole FitConfig as `cfg`.
-    `config` names a TOML file of options, as --config does."""
+    `config` names a TOML file of options, as --config does.
+
+    Returns a FitResult (status done, early_stop or nothing_to_do). Raises:
+      UsageError: bad input (its message is the command line's `error:` line);
+      TrainingError: training cannot go on (e.g. a non-finite loss);
+      Preempted / Interrupted (ddp_train.Stopped, a SystemExit with code 3 / 130): SIGTERM or
+        --preempt-signal / Ctrl-C stopped the run once its checkpoint was durable; calling fit the
+        same way again continues it. Uncaught, the script exits with that code and no traceback.
+    """
     import torch
 
     from . import train
@@ -42,8 +52,11 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
         cfg = build_config(options, config)
     elif options or config:
         cfg = build_config({**cfg.to_dict(), **options}, config)
+    if isinstance(task, type) and issubclass(task, Task):
+        raise TypeError(f"fit() takes an instance of your Task, not the class: fit({task.__name__}()), "
+                        f"not fit({task.__name__})")
     if task is not None and not isinstance(task, Task):
-        raise TypeError(f"fit() takes a ddp_train.Task, got {type(task).__name__}")
+        raise TypeError(f"fit() takes a ddp_train.Task instance, got {type(task).__name__}")
     if task is None:
         task = from_config(cfg)
         if cfg.task:  # every constructor argument, defaults included, is a setting of the run
@@ -52,11 +65,12 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
         cfg = train.describe_task(task, cfg)
     env = DistEnv.from_environ(os.environ, cuda_devices=torch.cuda.device_count(), backend=cfg.backend)
     setup_logging(env.rank, cfg.log_all_ranks)
-    preempt = PreemptFlag(cfg.preempt_signal) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    preempt = PreemptFlag(cfg.preempt_signal, announce=env.is_main) if main_thread else None
     try:
         with distributed(env, cfg.timeout) as comm:
             try:
-                return train.run(cfg, task, env, comm, preempt or _NoSignals())
+                result = train.run(cfg, task, env, comm, preempt or _NoSignals())
             except AgreedError as e:
                 # Print now, while SIGTERM only sets a flag: torchrun stops rank 0 as soon as
                 # another rank has exited with the same error.
@@ -73,6 +87,11 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     finally:
         if preempt is not None:
             preempt.restore()
+    if result.status == "preempted":
+        raise Preempted(result)
+    if result.status == "interrupted":
+        raise Interrupted(result)
+    return result
 
 
 def _report(e: AgreedError, debug: bool) -> None:

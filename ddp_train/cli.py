@@ -14,18 +14,22 @@ import typer
 from . import __version__
 from .config import ALIASES, FIELDS, build_config, field_types, option_name
 from .distenv import rank_of
-from .errors import AgreedError, PeerFailure, RankError, UsageError
+from .errors import AgreedError, Interrupted, PeerFailure, Preempted, RankError, UsageError
 
 def _fit(config: Optional[str] = None, **options: Any) -> int:
     options["task_args"] = parse_task_args(options.get("task_args"))
     cfg = build_config(options, config)
     from .api import fit  # only now: --help must not pay for torch
 
-    result = fit(cfg=cfg)
-    if result.status == "preempted" and rank_of(os.environ) == 0:
-        print(f"preempted at step {result.step}: the checkpoint is saved. To continue, run the same command "
-              f"again, or: {continue_command(result.run_dir)}", file=sys.stderr, flush=True)
-    return result.exit_code
+    try:
+        return fit(cfg=cfg).exit_code
+    except Preempted as e:
+        if rank_of(os.environ) == 0:
+            print(f"preempted at step {e.result.step}: the checkpoint is saved. To continue, run the same command "
+                  f"again, or: {continue_command(e.result.run_dir)}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except Interrupted as e:  # its one line is printed: `interrupted at step N; saved ...`
+        return e.exit_code
 
 
 def parse_task_args(pairs: list[str] | None) -> dict[str, Any] | None:

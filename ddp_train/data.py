@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import importlib.util
 import io
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -328,7 +329,13 @@ def _loader_args(ds: Dataset, workers: int, cuda: bool, seed: int) -> dict:
     # An own generator: otherwise each iter() draws a worker seed from the global RNG, and a
     # resumed run (fresh iterator mid-epoch) would consume one draw more than an uninterrupted one.
     return dict(num_workers=workers, pin_memory=cuda and not on_device, persistent_workers=workers > 0,
-                generator=torch.Generator().manual_seed(seed))
+                generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_ctrl_c if workers else None)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process stops the run at a
+    step boundary, and its loader workers must live until then (they end with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:

@@ -5,6 +5,8 @@ EXIT_CRASH = 1
 EXIT_USAGE = 2
 # Preempted (SIGTERM or --preempt-signal): a checkpoint is durable; the same command resumes.
 EXIT_PREEMPTED = 3
+# Interrupted (Ctrl-C, SIGINT): a checkpoint is durable; the same command resumes. 128 + SIGINT, as shells say.
+EXIT_INTERRUPTED = 130
 
 
 class AgreedError(Exception):
@@ -38,3 +40,29 @@ class PeerFailure(Exception):
 
 # What a collective raises when another rank died under it.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+class Stopped(SystemExit):
+    """`fit()` stopped on a signal once its checkpoint was durable; the same call continues the run.
+
+    A SystemExit, so a script that does not catch it exits with the CLI's code and no traceback;
+    catch `ddp_train.Stopped` to do something first. `result` is the FitResult (its `status`,
+    `step`, `checkpoint`); `exit_code` is 3 for `Preempted`, 130 for `Interrupted`."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, result: object):
+        super().__init__(self.exit_code)
+        self.result = result
+
+
+class Preempted(Stopped):
+    """SIGTERM (a scheduler's or torchrun's stop) or --preempt-signal: exit code 3."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Interrupted(Stopped):
+    """Ctrl-C (SIGINT): exit code 130."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -190,7 +190,7 @@ class Loop:
     policy: Policy  # when to evaluate and save, what is best, when to stop
     saver: Checkpointer  # collective saves, and where the newest checkpoint is
     report: Reporter  # console, run files, tracker
-    preempt: Any  # .requested: the signal that asked to stop, if any
+    preempt: Any  # .requested: the signal that asked to stop (SIGINT: Ctrl-C), if any
     origin: str  # the option that brought the user's code, for error messages
     state: TrainState
 
@@ -203,7 +203,7 @@ def plan(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:
 
 
 def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, float]]:
-    """Train until done; returns ('done' | 'early_stop' | 'preempted', the last evaluation's row)."""
+    """Train until done; returns ('done' | 'early_stop' | 'preempted' | 'interrupted', the last evaluation's row)."""
     cfg, st, comm, trainer = run.cfg, run.state, run.comm, run.trainer
     batches = run.sampler.num_batches
     per_epoch, total = plan(cfg, batches)
@@ -252,9 +252,14 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 t_log, seen_log = now, seen
             if comm.vote_any(run.preempt.requested is not None):
                 comm.end_votes()
+                # A preemption anywhere wins over Ctrl-C: its exit code (3) is what requeueing reads.
+                interrupted = not comm.any(run.preempt.requested not in (None, "SIGINT"))
                 sync_loss()
                 trainer.sync_buffers()
                 path = run.saver.save(step_file=run.policy.step_file_due(st.step), durable=True)
+                if interrupted:
+                    log.info("interrupted at step %d; saved %s; rerun the same command to continue", st.step, path)
+                    return "interrupted", last_row
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
                 on_preempt()
                 return "preempted", last_row

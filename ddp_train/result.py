@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_PREEMPTED
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED
 
 
 @dataclass(frozen=True)
 class FitResult:
-    status: str  # done | early_stop | preempted | nothing_to_do
+    status: str  # done | early_stop | preempted | interrupted | nothing_to_do
     step: int  # optimizer steps taken, in all
     epoch: int  # completed epochs
     run_dir: str
@@ -20,4 +20,4 @@ class FitResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PREEMPTED if self.status == "preempted" else EXIT_OK
+        return {"preempted": EXIT_PREEMPTED, "interrupted": EXIT_INTERRUPTED}.get(self.status, EXIT_OK)

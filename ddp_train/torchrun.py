@@ -9,6 +9,11 @@ ddp_train's exits.
   already said why on its `error:` line: the launcher exits with the same code and adds nothing
   (plain torchrun exits 1 and prints its ChildFailedError report with a traceback of its frames).
   A worker killed by a signal said nothing, so one line names it.
+- Ctrl-C: torchrun's agent forwards SIGINT to its workers (they run in sessions of their own, so
+  the terminal's SIGINT reaches the agent alone), waits for them, then raises SignalException,
+  which plain torchrun prints as a traceback. The workers have said what happened (`interrupted at
+  step N; saved ...`): the launcher exits 128 + the signal (130), without the traceback or the
+  agent's lines about passing the signal on.
 """
 
 from __future__ import annotations
@@ -26,13 +31,23 @@ class _SpokenFailures(logging.Filter):
         return not ("failed (exitcode: " in message and "exitcode: -" not in message)
 
 
+def _not_ctrl_c(record: logging.LogRecord) -> bool:
+    """Drops the agent's lines about passing Ctrl-C on to the workers (`Received 2 death signal,
+    shutting down workers`, `Sending process N closing signal SIGINT`)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not any(a is signal.SIGINT or a == "SIGINT" for a in args)
+
+
 def main() -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     from .dist import exit_process
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_SpokenFailures())
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        logging.getLogger(name).addFilter(_not_ctrl_c)
     try:
         torchrun()
         code = 0
@@ -50,6 +65,8 @@ def main() -> None:
                   "outside); the other ranks stopped; rerun the same command to continue from the last "
                   "checkpoint", file=sys.stderr, flush=True)
             code = 1
+    except SignalException as e:
+        code = 128 + int(e.sigval)
     exit_process(code)
 
 

@@ -156,13 +156,13 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     code = 1
     try:
         outcome, last_row = train(loop, lambda: _requeue(cfg, env))
-        code = 3 if outcome == "preempted" else 0
+        code = {"preempted": 3, "interrupted": 130}.get(outcome, 0)
     finally:
         try:
             saver.close()  # a failed run keeps its best evaluation too
         finally:
             report.close(state.step, code)
-    if outcome != "preempted":
+    if outcome not in ("preempted", "interrupted"):
         best = f"{policy.best:.4g}" if policy.best is not None else "n/a"
         log.info("done: %d steps in %.1fs; best %s %s; run dir %s", state.step, time.perf_counter() - started,
                  cfg.monitor, best, run_dir)

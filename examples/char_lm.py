@@ -100,6 +100,9 @@ class CharLM(Task):
 
 
 if __name__ == "__main__":
+    # Ctrl-C (or a scheduler's SIGTERM) saves a checkpoint, then fit raises ddp_train.Interrupted
+    # (Preempted): SystemExits that end this script with code 130 (3), as `ddp-train fit` does.
+    # Running the script again continues the run.
     result = fit(CharLM(), epochs=3, batch_size=32, lr=3e-3, monitor="val_acc", run_dir=os.environ.get("RUN_DIR"))
     print(f"{result.status}: step {result.step}, val_loss {result.metrics.get('val_loss', float('nan')):.3f}, "
           f"val_acc {result.metrics.get('val_acc', float('nan')):.3f}; best {result.best}; {result.run_dir}")

@@ -44,6 +44,7 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     from .dist import distributed
     from .distenv import DistEnv
     from .log import setup_logging
+    from .numerics import numerics
     from .preempt import PreemptFlag
     from .task import absolute_spec, check_settings, from_config
 
@@ -68,7 +69,7 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     main_thread = threading.current_thread() is threading.main_thread()
     preempt = PreemptFlag(cfg.preempt_signal, announce=env.is_main) if main_thread else None
     try:
-        with distributed(env, cfg.timeout) as comm:
+        with distributed(env, cfg.timeout) as comm, numerics(cfg.deterministic, cfg.tf32, env.device.split(":")[0]):
             try:
                 result = train.run(cfg, task, env, comm, preempt or _NoSignals())
             except AgreedError as e:

@@ -11,10 +11,9 @@ def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> An
     """Every tensor in `batch` on `device` (non-blocking from pinned memory); 4-D float tensors in
     channels_last layout when asked."""
     if isinstance(batch, torch.Tensor):
-        out = batch.to(device, non_blocking=True)
-        if channels_last and out.dim() == 4 and out.is_floating_point():
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():  # one copy, in the new layout
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

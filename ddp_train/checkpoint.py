@@ -256,13 +256,27 @@ class Checkpointer:
 
 
 def _snapshot(obj: Any) -> Any:
-    """A copy in host memory of a checkpoint dict's tensors, so that training can go on while it is written."""
+    """A copy in host memory of a checkpoint dict's tensors, so that training can go on while it is
+    written. GPU tensors go to pinned memory without blocking, one wait for all of them at the end
+    (a pageable copy blocks per tensor at a fraction of the bandwidth); the pinned blocks return to
+    torch's host cache when the write is done, for the next snapshot."""
+    on_gpu: list[bool] = []
+    copy = _copy(obj, on_gpu)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return copy
+
+
+def _copy(obj: Any, on_gpu: list[bool]) -> Any:
     if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            on_gpu.append(True)
+            return torch.empty_like(obj, device="cpu", pin_memory=True).copy_(obj.detach(), non_blocking=True)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
+        return {k: _copy(v, on_gpu) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-        return type(obj)(_snapshot(v) for v in obj)
+        return type(obj)(_copy(v, on_gpu) for v in obj)
     return obj  # plain values, and lists of them, are not changed by training
 
 

@@ -70,7 +70,7 @@ FIT_GROUPS: dict[str, str] = {
     **dict.fromkeys(("model", "hidden", "pretrained", "compile", "channels_last"), "Model"),
     **dict.fromkeys(("epochs", "max_steps", "batch_size", "global_batch_size", "eval_batch_size", "grad_accum", "optimizer", "lr",
                      "momentum", "weight_decay", "scheduler", "lr_step_epochs", "lr_gamma", "warmup_steps",
-                     "label_smoothing", "clip_grad_norm", "precision", "seed", "deterministic", "skip_nonfinite",
+                     "label_smoothing", "clip_grad_norm", "precision", "tf32", "seed", "deterministic", "skip_nonfinite",
                      "max_skipped"), "Optimisation"),
     **dict.fromkeys(("eval_every", "metrics", "monitor", "mode", "patience"), "Evaluation and early stopping"),
     **dict.fromkeys(("strategy", "backend", "timeout"), "Distributed"),

@@ -73,8 +73,12 @@ class FitConfig:
     compile: bool = opt(False, "torch.compile the model.")
     channels_last: bool = opt(False, "Use channels_last memory format (CUDA convnets).")
     data_on_device: bool = opt(False, "Move in-memory data sets to the device once (no copy per step).")
-    seed: int = opt(0, "Random seed (same on every rank; dropout streams differ per rank).", min=0)
-    deterministic: bool = opt(False, "Use deterministic algorithms only (slower on GPU).")
+    seed: int = opt(0, "Random seed of the weights, data order and augmentation. Every rank gets the same "
+                    "seed, so dropout draws the same masks on every rank (each on its own samples).", min=0)
+    deterministic: bool = opt(False, "Use deterministic algorithms only, no TF32, no cuDNN autotuning (slower on "
+                              "GPU; on GPU, bit-exact repeats and resumes need it).")
+    tf32: bool = opt(True, "On CUDA: TF32 for float32 matmuls and convolutions and cuDNN autotuning "
+                     "(cudnn.benchmark); --no-tf32 computes in full float32. Off under --deterministic.")
     skip_nonfinite: bool = opt(False, "Skip optimizer steps whose gradients are NaN/inf instead of stopping.")
     max_skipped: int = opt(10, "With --skip-nonfinite: stop after this many skipped steps in a row.", min=1)
     # evaluation, early stopping and best checkpoint
@@ -94,7 +98,9 @@ class FitConfig:
                         choices=("auto", "ddp", "dp", "single", "fsdp"))
     backend: str = opt("auto", "Process-group backend (auto: nccl on CUDA, gloo otherwise).",
                        choices=("auto", "nccl", "gloo"))
-    workers: int = opt(0, "DataLoader worker processes per rank.", min=0)
+    workers: int | None = opt(None, "DataLoader worker processes per rank (default: none, except --data imagefolder "
+                              "on GPU: up to 8, from the CPUs of each process, to decode JPEGs off the training "
+                              "process).", min=0)
     timeout: float = opt(600.0, "Seconds a collective may wait before the run is declared hung.", positive=True)
     # run directory, checkpoints, resume
     run_dir: str | None = opt(None, "Run directory (default: runs/<data>-<model>-<launch id>).")
@@ -178,7 +184,7 @@ RESUMABLE_CHANGES = frozenset({
     "epochs", "max_steps", "patience", "workers", "timeout", "run_dir", "resume", "overwrite",
     "save_every", "save_every_seconds", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks",
     "progress", "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
-    "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped",
+    "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped", "tf32",
 })
 
 

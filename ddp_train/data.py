@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import importlib.util
 import io
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ class TensorData(Dataset):
         if isinstance(key, list):
             key = torch.as_tensor(key)
         if isinstance(key, torch.Tensor) and key.device != self.x.device:
-            key = key.to(self.x.device)
+            # From pinned memory without blocking: a pageable copy would wait for the GPU every batch.
+            key = (key.pin_memory() if self.x.is_cuda else key).to(self.x.device, non_blocking=True)
         x, y = self.x[key], self.y[key]
         if self.augment is not None and epoch is not None:
             index = key if isinstance(key, torch.Tensor) else torch.arange(len(self.x), device=x.device)[key]
@@ -278,7 +280,7 @@ def _user_data(cfg: FitConfig) -> DataBundle:
     return bundle
 
 
-def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
+def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int | None,
                  cuda: bool, global_batch: int | None = None) -> tuple[Iterable, TrainSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
@@ -289,7 +291,7 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
     return DataLoader(EpochIndexed(ds, seed), batch_sampler=PerSample(sampler), **common), sampler
 
 
-def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, workers: int,
+def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, workers: int | None,
                 cuda: bool) -> tuple[Iterable, EvalChunks]:
     in_memory = isinstance(ds, TensorData)
     chunks = EvalChunks(len(ds), batch_size, rank, world_size, as_lists=not in_memory)
@@ -322,9 +324,19 @@ class InMemoryBatches:
         return len(self.sampler)
 
 
-def _loader_args(ds: Dataset, workers: int, cuda: bool, seed: int) -> dict:
+def default_workers(data: str, cuda: bool, local_world_size: int) -> int:
+    """Loader workers when --workers is not given: for --data imagefolder on GPU, JPEG decoding and
+    augmentation run in up to 8 worker processes per rank (one CPU left to each training process);
+    in-memory and CPU runs read in the training process."""
+    if data != "imagefolder" or not cuda:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(local_world_size, 1) - 1))
+
+
+def _loader_args(ds: Dataset, workers: int | None, cuda: bool, seed: int) -> dict:
     on_device = isinstance(ds, TensorData) and ds.x.device.type != "cpu"
-    if on_device:
+    if on_device or workers is None:
         workers = 0
     # An own generator: otherwise each iter() draws a worker seed from the global RNG, and a
     # resumed run (fresh iterator mid-epoch) would consume one draw more than an uninterrupted one.

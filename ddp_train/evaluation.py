@@ -14,7 +14,7 @@ import torch
 
 from .batch import count, first_sample, move_to
 from .dist import Comm
-from .metrics import ChunkedMetric
+from .metrics import ChunkedMetric, cpu_states
 from .sampling import EvalChunks
 from .task import Task, overrides
 
@@ -108,7 +108,7 @@ class Evaluator:
 
     def _metric_results(self, states: list[tuple[int, list[dict]]]) -> dict[str, float]:
         """Rank 0 merges every chunk's metric states in chunk order and computes; all ranks get it."""
-        gathered = self.comm.gather_object(states)
+        gathered = self.comm.gather_object(cpu_states(states))
 
         def compute() -> dict[str, float]:
             ordered = sorted((pair for per_rank in gathered for pair in per_rank), key=lambda pair: pair[0])

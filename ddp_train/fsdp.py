@@ -29,25 +29,42 @@ from .errors import UsageError
 PRECISIONS = {"32": None, "bf16": torch.bfloat16}
 
 
+PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def default_blocks(model: nn.Module) -> list[nn.Module]:
-    """The units that get their own all-gather: the model's top-level children that hold
-    parameters and are containers (a ResNet's layer1..layer4, a transformer's encoder); the leaf
-    layers among them (a ResNet's conv1, bn1, fc) stay with the root. A flat stack of layers (the
-    built-in mlp/cnn: nn.Sequential of Linear/Conv) has no containers: each layer with parameters
-    is then a block. A ModuleList/ModuleDict child (a stack of transformer layers) gives its items.
-    Pass your own list to shard() when this is not what you want."""
+    """The units that get their own all-gather: the model's repeated blocks, found top-down (a
+    transformer's layers, a ResNet's bottlenecks, a ConvNeXt's or Swin's blocks): every submodule
+    whose class occurs more than once in the model and has layers of its own, outermost first.
+    Plain containers (Sequential, ModuleList, ModuleDict) are walked through, and the layers
+    outside any block (a stem, the head, norms) stay with the root. A model without repeated
+    blocks (the built-in mlp/cnn: a flat Sequential of layers) gets one unit per layer with
+    parameters. Pass your own list to shard() when this is not what you want."""
     def has_params(m: nn.Module) -> bool:
         return any(True for _ in m.parameters())
 
-    holders = [m for m in model.children() if has_params(m)]
-    containers = [m for m in holders if any(True for _ in m.children())]
-    blocks: list[nn.Module] = []
-    for m in containers or holders:
-        # A ModuleList/ModuleDict has no forward of its own to hook: its items are the blocks.
-        items = list(m.values() if isinstance(m, nn.ModuleDict) else m) if isinstance(
-            m, (nn.ModuleList, nn.ModuleDict)) else [m]
-        blocks += [b for b in items if has_params(b)]
-    return blocks
+    def composite(m: nn.Module) -> bool:
+        return type(m) not in PLAIN_CONTAINERS and any(True for _ in m.children()) and has_params(m)
+
+    kinds: dict[type, int] = {}
+    for m in model.modules():
+        if m is not model and composite(m):
+            kinds[type(m)] = kinds.get(type(m), 0) + 1
+    repeated = {k for k, n in kinds.items() if n > 1}
+
+    def walk(m: nn.Module) -> list[nn.Module]:
+        found: list[nn.Module] = []
+        for child in m.children():
+            if type(child) in repeated:
+                found.append(child)
+            elif any(True for _ in child.children()):
+                found += walk(child)
+        return found
+
+    blocks = walk(model) if repeated else []
+    if blocks:
+        return blocks
+    return [m for m in model.modules() if m is not model and not any(True for _ in m.children()) and has_params(m)]
 
 
 def shard(model: nn.Module, blocks: list[nn.Module] | None = None, *, precision: str = "32",
@@ -109,37 +126,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale the gradients in place so that their global 2-norm is at most `max_norm`, and return
-    the norm before clipping as a plain float32 tensor, the same on every rank (inf/nan propagate,
-    as with torch.nn.utils.clip_grad_norm_).
+    the norm before clipping as a plain tensor on the gradients' device, the same on every rank
+    (inf/nan propagate, as with torch.nn.utils.clip_grad_norm_).
 
-    Works for sharded (DTensor, FSDP2) and plain gradients: each rank sums the squares of its local
-    shards and one all-reduce adds them up; gradients that every rank holds in full (plain tensors,
-    Replicate placements) count once."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    Works for sharded (DTensor, FSDP2) and plain gradients, as torchtitan clips: torch's foreach
+    norms of the local shards, one all-reduce of the total (`full_tensor`), no host sync."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return torch.zeros(())
-    device = _local(grads[0]).device
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    replicated = torch.zeros((), dtype=torch.float32, device=device)
-    group = None
-    for g in grads:
-        local = _local(g).detach()
-        square = local.float().pow(2).sum().to(device)
-        if isinstance(g, DTensor) and any(p.is_shard() for p in g.placements):
-            if g.device_mesh.ndim != 1:
-                raise UsageError("clip_grad_norm handles 1-D meshes (plain FSDP) only")
-            group = g.device_mesh.get_group()
-            sharded += square
-        else:
-            replicated += square
-    if group is not None:
-        dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=group)
-    total = (sharded + replicated).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        local = _local(g).detach()
-        local.mul_(coef.to(local.dtype))
-    return total.cpu()
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 @contextlib.contextmanager

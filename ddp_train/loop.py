@@ -86,7 +86,7 @@ class Trainer:
 
     def _apply(self) -> bool:
         self.lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler:
+        if self.scaler and (self.clip or self.skip_nonfinite):  # else scaler.step unscales inside the step
             self.scaler.unscale_(self.optimizer)
         applied = True
         if self.clip or self.skip_nonfinite:
@@ -164,9 +164,11 @@ class LossWindow:
         vec = torch.zeros(2 * k + 1, dtype=torch.float64, device=self.device)
         if k:
             losses = torch.stack(self.losses).double()
-            counts = torch.tensor(self.counts, dtype=torch.float64, device=self.device)
+            counts = torch.tensor(self.counts, dtype=torch.float64)
+            counts = (counts.pin_memory() if self.device.type == "cuda" else counts).to(self.device, non_blocking=True)
             vec[:k], vec[k:2 * k] = losses * counts, counts
         self.comm.all_reduce_sum(vec)
+        vec = vec.cpu()  # the one wait for the device per log line; what follows runs on the host
         steps, self.losses, self.counts, self.steps = self.steps, [], [], []
         weighted, counts = vec[:k], vec[k:2 * k]
         finite = torch.isfinite(weighted)

@@ -26,7 +26,9 @@ class ClassificationStats:
 
     def update(self, chunk: int, out: torch.Tensor, y: torch.Tensor) -> None:
         pairs = y * self.k + out.argmax(1)
-        self.tensor += torch.bincount(pairs, minlength=self.k * self.k).double()
+        # index_add_, not bincount: CUDA's bincount reads the largest value back to size its
+        # output (a host sync per chunk); counts of ones in float64 are exact in any order.
+        self.tensor.index_add_(0, pairs, torch.ones(pairs.shape, dtype=torch.float64, device=pairs.device))
 
     def compute(self) -> dict[str, float]:
         cm = self.tensor.view(self.k, self.k)
@@ -118,12 +120,14 @@ class ChunkedMetric:
                                  "summed, concatenated, or max/min-reduced")
 
     def chunk_state(self, out: Any, target: Any) -> dict[str, Any]:
+        """The state this chunk gives, on the metric's device (reset() makes new state tensors, so
+        these stay as they are); `cpu_states` moves them all once, after the last chunk."""
         self.metric.reset()
         self.metric.update(out, target)
         state = {}
         for attr in self.metric._defaults:
             value = getattr(self.metric, attr)
-            state[attr] = [v.cpu() for v in value] if isinstance(value, list) else value.cpu()
+            state[attr] = list(value) if isinstance(value, list) else value
         return state
 
     def compute(self, states: list[dict[str, Any]]) -> float | torch.Tensor:
@@ -145,6 +149,17 @@ class ChunkedMetric:
         m._computed = None
         value = m.compute()
         return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def cpu_states(states: Any) -> Any:
+    """Every tensor of the recorded chunk states on the CPU (to travel in a gather_object)."""
+    if isinstance(states, torch.Tensor):
+        return states.cpu()
+    if isinstance(states, dict):
+        return {k: cpu_states(v) for k, v in states.items()}
+    if isinstance(states, (list, tuple)):
+        return type(states)(cpu_states(v) for v in states)
+    return states
 
 
 def _reduction_name(fx: Any) -> str:

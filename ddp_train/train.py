@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__, checkpoint, cpu_malloc, optim
 from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_identity
-from .data import TensorData, check_sizes, eval_loader, rank0_first, train_loader
+from .data import TensorData, check_sizes, default_workers, eval_loader, rank0_first, train_loader
 from .dist import Comm
 from .distenv import DistEnv
 from .errors import UsageError
@@ -44,14 +44,14 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     device = torch.device(env.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if cfg.precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
+            log.warning("this GPU (%s) has no native bfloat16: --precision bf16 is emulated and slow; "
+                        "--precision fp16 is its fast mixed precision", torch.cuda.get_device_name(device))
     else:
         cpu_malloc.keep_large_blocks()
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU (CPUs lack fast fp16 and GradScaler support); "
                          "use --precision bf16 or 32 on CPU")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     strategy = resolve_strategy(cfg.strategy, env, cfg.precision)
     sharded_run = settings.strategy == "fsdp"
     _seed(cfg.seed)
@@ -64,7 +64,11 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         if ":" in task.model_name:
             origin = f"--model {task.model_name}"
 
+    if cfg.data_on_device:  # before the loaders, so that training reads the device copy too
+        splits = {k: v.to(device) if isinstance(v, TensorData) else v for k, v in splits.items()}
     train_set = splits["train"]
+    if cfg.workers is None:
+        cfg = cfg.replace(workers=default_workers(cfg.data, device.type == "cuda", env.local_world_size))
     loader, sampler = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers,
                                    device.type == "cuda", settings.global_batch_size)
     per_epoch, total = plan(cfg, sampler.num_batches)
@@ -99,8 +103,6 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     if ckpt is not None:
         _check_same_optimization(ckpt, optimization, ckpt_path)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    if cfg.data_on_device and device.type == "cuda":
-        splits = {k: v.to(device) if isinstance(v, TensorData) else v for k, v in splits.items()}
     val_loader, chunks = eval_loader(splits["val"], cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
                                      env.world_size, cfg.workers, device.type == "cuda")
     with user_code(origin.split("/")[0], cfg.task, "building its metrics"):

@@ -5,6 +5,7 @@ settings. The CUDA runs themselves are in tests/test_gpu.py (pytest -m gpu)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -18,6 +19,7 @@ from ddp_train.distenv import DistEnv
 from ddp_train.errors import UsageError
 
 TASKS = "tests.fixtures.tasks"
+ENV_BEFORE = dict(os.environ)
 
 
 # --- DataParallel: what each replica thread computes, and how the replicas' outputs combine -------
@@ -164,3 +166,65 @@ def test_torchrun_ranks_sharing_one_gpu_under_nccl_are_refused():
     slurm = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "7",
              "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "n1"}
     assert DistEnv.from_environ(slurm, cuda_devices=1).device == "cuda:0"  # srun --gpus-per-task=1
+
+
+# --- --data-on-device feeds training; the run's numeric settings -----------------------------------
+
+def test_data_on_device_feeds_training_from_the_moved_copy(monkeypatch, tmp_path):
+    from ddp_train import data, fit, train
+
+    moved, fed = [], []
+    real_to, real_loader = data.TensorData.to, train.train_loader
+
+    def to(self, device):
+        moved.append(real_to(self, device))
+        return moved[-1]
+
+    def loader(ds, *args, **kwargs):
+        fed.append(ds)
+        return real_loader(ds, *args, **kwargs)
+
+    monkeypatch.setattr(data.TensorData, "to", to)
+    monkeypatch.setattr(train, "train_loader", loader)
+    fit(data="synthetic", input_shape="8", classes=3, samples=64, val_samples=16, model="mlp", hidden="8",
+        batch_size=16, epochs=1, data_on_device=True, run_dir=str(tmp_path / "r"), progress=False)
+    assert fed and any(fed[0] is m for m in moved)  # the training loader reads the device copy
+
+
+def test_tf32_and_cudnn_autotuning_unless_deterministic_and_restored_after():
+    from ddp_train.numerics import numerics
+
+    cudnn = torch.backends.cudnn
+    before = (torch.get_float32_matmul_precision(), cudnn.allow_tf32, cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())
+    with numerics(deterministic=False, tf32=True, device_type="cuda"):
+        assert torch.get_float32_matmul_precision() == "high" and cudnn.allow_tf32 and cudnn.benchmark
+    with numerics(deterministic=False, tf32=False, device_type="cuda"):
+        assert torch.get_float32_matmul_precision() == "highest" and not cudnn.allow_tf32 and not cudnn.benchmark
+    with numerics(deterministic=True, tf32=True, device_type="cuda"):
+        assert torch.are_deterministic_algorithms_enabled() and not cudnn.benchmark
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" or "CUBLAS_WORKSPACE_CONFIG" in ENV_BEFORE
+    after = (torch.get_float32_matmul_precision(), cudnn.allow_tf32, cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    assert after == before and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ENV_BEFORE.get("CUBLAS_WORKSPACE_CONFIG")
+    with numerics(deterministic=False, tf32=True, device_type="cpu"):  # CPU matmuls stay as they are
+        assert torch.get_float32_matmul_precision() == before[0]
+
+
+def test_image_folders_get_loader_workers_on_gpu_by_default():
+    from ddp_train.config import FitConfig
+    from ddp_train.data import default_workers
+
+    assert FitConfig().workers is None  # unset: chosen per data set and device
+    assert default_workers("imagefolder", cuda=True, local_world_size=1) >= 1
+    assert default_workers("imagefolder", cuda=False, local_world_size=1) == 0
+    assert default_workers("cifar10", cuda=True, local_world_size=1) == 0  # in memory
+
+
+def test_channels_last_inputs_take_one_copy():
+    from ddp_train.batch import move_to
+
+    x = torch.randn(2, 3, 4, 4)
+    out = move_to([x, torch.zeros(2)], torch.device("cpu"), channels_last=True)
+    assert out[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(out[0], x)

@@ -7,7 +7,7 @@ import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional
 
 from .errors import UsageError
@@ -294,7 +294,22 @@ def run_identity(cfg: FitConfig, world_size: int) -> dict[str, Any]:
                 if f.name not in NOT_IDENTITY and getattr(cfg, f.name) != f.default}
     if not cfg.global_batch_size:
         identity["world_size"] = world_size
+    if cfg.task:
+        identity["task"] = task_identity(cfg.task)
     return identity
+
+
+def task_identity(spec: str) -> str:
+    """Which Task a --task names, wherever it lives: `module.Class` for `path/to/module.py:Class`
+    (relative, absolute, a moved checkout or a per-job copy of the code alike) and for
+    `pkg.module:Class`. A run is compared on resume by this and the Task's settings, not by path."""
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        path = PurePath(where)
+        module = path.parent.name if path.stem == "__init__" else path.stem
+    else:
+        module = where.rpartition(".")[2]
+    return f"{module}.{name}"
 
 
 def build_config(cli_values: dict[str, Any], config_file: str | None = None) -> FitConfig:

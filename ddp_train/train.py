@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint, cpu_malloc, optim
-from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_identity
+from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_identity, task_identity
 from .data import TensorData, check_sizes, default_workers, eval_loader, rank0_first, train_loader
 from .dist import Comm
 from .distenv import DistEnv
@@ -270,7 +270,7 @@ def prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
 def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path, total: int) -> None:
     saved = ckpt.get("config", {})
     diffs = [f"{option_name(k)} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-             if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+             if k not in RESUMABLE_CHANGES and k in saved and _differs(k, saved[k], v)]
     old_world = ckpt.get("world_size", env.world_size)
     if old_world != env.world_size and not cfg.global_batch_size:
         diffs.append(f"world size {old_world} -> {env.world_size}: a run continues on another number of processes "
@@ -285,6 +285,13 @@ def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: 
         raise UsageError(f"cannot resume {path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
                          "to continue that run, restore them (--run-dir alone reads its settings back); "
                          "for a new run, pass another --run-dir or leave --run-dir out")
+
+
+def _differs(key: str, saved: Any, value: Any) -> bool:
+    """A Task is the same one wherever its file now lives and however it is named."""
+    if key == "task" and saved and value:
+        return task_identity(saved) != task_identity(value)
+    return saved != value
 
 
 def _init_from(model: nn.Module, cfg: FitConfig) -> None:

@@ -4,11 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: fit test lint bench clean
+.PHONY: fit test lint docs bench clean
+
+# TORCH_INDEX: where torch comes from, e.g. the CPU-only build on a machine without a GPU
+# (make fit TORCH_INDEX=https://download.pytorch.org/whl/cpu: a ~1.5 GB venv instead of ~6 GB).
+TORCH_INDEX ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -21,8 +26,11 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check ddp_train tests benchmarks examples
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import FitConfig, parse_shape
 from .errors import UsageError
 from .sampling import EvalChunks, PerSample, TrainSampler
+from .streaming import is_stream, stream_loader
 from .transforms import EpochIndexed, batch_hashes, image_transforms, padded_crop_flip
 from .userfn import load_user_function, user_code
 
@@ -284,6 +285,8 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
                  cuda: bool, global_batch: int | None = None) -> tuple[Iterable, TrainSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
+    if is_stream(ds):
+        return stream_loader(ds, batch_size, rank, world_size, workers, cuda)
     sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
     common = _loader_args(ds, workers, cuda, seed)
     if isinstance(ds, TensorData):
@@ -351,8 +354,13 @@ def _ignore_ctrl_c(worker_id: int) -> None:
 
 
 def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:
+    if is_stream(splits["val"]):
+        raise UsageError("the validation set is a stream (an IterableDataset): exact evaluation splits it by sample "
+                         "index; give a map-style data set (__len__ and __getitem__) for 'val'")
     for split, name in (("train", "training"), ("val", "validation")):
         ds = splits[split]
+        if is_stream(ds):
+            continue
         if len(ds) < world_size:
             raise UsageError(f"the {name} set has {len(ds)} samples but the job has {world_size} ranks; "
                              "use fewer processes or more data")

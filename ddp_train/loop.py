@@ -5,6 +5,7 @@ preemption). Every decision is made identically on every rank, from synced value
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from .gpumem import named_oom, peaks
 from .checkpoint import Checkpointer
 from .log import Reporter
 from .optim import Schedule
+from .streaming import need_max_steps
 from .policy import Policy
 from .task import Task
 from .userfn import user_error
@@ -197,8 +199,13 @@ class Loop:
     state: TrainState
 
 
-def plan(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps of the run)."""
+def plan(cfg: FitConfig, batches_per_epoch: int | None) -> tuple[int | None, int]:
+    """(optimizer steps per epoch, total steps of the run); a stream (no length) has no steps per
+    epoch, and runs --max-steps."""
+    if batches_per_epoch is None:
+        if not cfg.max_steps:
+            raise need_max_steps()
+        return None, cfg.max_steps
     per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total = cfg.epochs * per_epoch
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
@@ -232,14 +239,23 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
         batches_iter = iter(run.loader)
         epoch_ended = False
         while not epoch_ended and st.step < total:
-            group = min(cfg.grad_accum, batches - st.batch_in_epoch)
-            micro = [next(batches_iter) for _ in range(group)]
+            micro = _next_group(run, batches_iter, batches)
+            if micro is None:  # a stream ran out on some rank: the epoch ends here, without a step
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                trainer.end_epoch()
+                if run.policy.eval_due(st.step, True, st.epoch >= cfg.epochs):
+                    sync_loss()
+                    last_row, stop = _evaluate(run, t0, total)
+                    if stop:
+                        comm.end_votes()
+                        return "early_stop", last_row
+                break
             with named_oom(trainer.device, f"training step {st.step + 1}"):
                 losses, applied = _first_step(run, micro) if first_step else trainer.step(micro)
             window.add(losses, st.step + 1, st.epoch + 1)
             seen += sum(n for _, n in losses) * world_size
             st.step += 1
-            st.batch_in_epoch += group
+            st.batch_in_epoch += len(micro)
             _count_skips(run, applied)
             run.report.advance()
             if first_step:
@@ -265,7 +281,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 log.info("preempted: checkpoint %s at step %d; exiting with code 3", path, st.step)
                 on_preempt()
                 return "preempted", last_row
-            epoch_ended = st.batch_in_epoch >= batches
+            epoch_ended = batches is not None and st.batch_in_epoch >= batches
             if epoch_ended:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 trainer.end_epoch()
@@ -283,6 +299,15 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 run.saver.save(step_file=True)
     comm.end_votes()
     return "done", last_row
+
+
+def _next_group(run: Loop, batches_iter: Any, batches: int | None) -> list[Any] | None:
+    """The next step's micro-batches. From a stream: None on every rank when any rank's share ran
+    out (a step needs every rank; one small all-reduce per step)."""
+    if batches is not None:
+        return [next(batches_iter) for _ in range(min(run.cfg.grad_accum, batches - run.state.batch_in_epoch))]
+    micro = list(itertools.islice(batches_iter, run.cfg.grad_accum))
+    return None if run.comm.any(len(micro) < run.cfg.grad_accum) else micro
 
 
 def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:

@@ -145,8 +145,8 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         checkpoint.set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])  # another world size: by rank
         stopped = state.status == "early_stop" and cfg.patience and policy.bad_evals >= cfg.patience
         if not (stopped or state.step >= total or state.epoch >= cfg.epochs):
-            log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %d steps done)", ckpt_path,
-                     state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch)
+            log.info("resumed from %s: epoch %d, step %d (%d of the epoch's %s steps done)", ckpt_path,
+                     state.epoch + 1, state.step, state.batch_in_epoch // cfg.grad_accum, per_epoch or "?")
         else:
             more = "--patience N" if stopped else "--epochs N (or --max-steps N)"
             log.info("nothing to do: the run in %s already %s (step %d of %d); to train it longer: --run-dir %s "

@@ -285,10 +285,10 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
                  cuda: bool, global_batch: int | None = None) -> tuple[Iterable, TrainSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set is read per sample under seeds of (seed, epoch, index)."""
-    if is_stream(ds):
-        return stream_loader(ds, batch_size, rank, world_size, workers, cuda)
-    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
     common = _loader_args(ds, workers, cuda, seed)
+    if is_stream(ds):  # each epoch's workers are new: they get the epoch and position to start from
+        return stream_loader(ds, batch_size, rank, world_size, {**common, "persistent_workers": False})
+    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
     if isinstance(ds, TensorData):
         return _batches(ds, sampler, common), sampler
     return DataLoader(EpochIndexed(ds, seed), batch_sampler=PerSample(sampler), **common), sampler

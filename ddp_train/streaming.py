@@ -68,12 +68,12 @@ def is_stream(ds: Any) -> bool:
     return isinstance(ds, IterableDataset)
 
 
-def stream_loader(ds: Any, batch_size: int, rank: int, world_size: int, workers: int,
-                  pin_memory: bool) -> tuple[DataLoader, StreamShards]:
-    """The training loader of a streaming split and its sampler. Workers are not persistent: each
-    epoch's workers get the data set with that epoch (and resume position) set."""
+def stream_loader(ds: Any, batch_size: int, rank: int, world_size: int,
+                  loader_args: dict[str, Any]) -> tuple[DataLoader, StreamShards]:
+    """The training loader of a streaming split and its sampler. `loader_args` go to the
+    DataLoader; its workers must not be persistent: each epoch's get that epoch and position."""
     shards = StreamShards(ds, batch_size, rank, world_size)
-    return DataLoader(shards, batch_size=None, num_workers=workers, pin_memory=pin_memory), shards
+    return DataLoader(shards, batch_size=None, **loader_args), shards
 
 
 def need_max_steps() -> UsageError:

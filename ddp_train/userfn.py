@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,8 +15,18 @@ from typing import Any, Iterator
 from .errors import UsageError
 
 # Frames from these packages are the framework's, not the user's: hidden unless --debug.
-FRAMEWORK = (str(Path(__file__).parent),) + tuple(
-    f"/{name}/" for name in ("torch", "typer", "click", "torchvision", "torchmetrics"))
+FRAMEWORK = ("ddp_train", "torch", "typer", "click", "torchvision", "torchmetrics")
+
+
+def _framework_dirs() -> tuple[str, ...]:
+    """Where the framework's packages were imported from: matched as folders, not by name, so a
+    checkout or venv in a folder named `ddp_train` or `torch` still shows the user's own frames."""
+    dirs = []
+    for name in FRAMEWORK:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path:
+            dirs.append(os.path.join(os.path.dirname(os.path.realpath(path)), ""))
+    return tuple(dirs)
 
 
 class UserCodeError(UsageError):
@@ -77,8 +88,9 @@ def _import_file(path: Path, option: str, spec: str) -> Any:
 
 def user_frames(e: BaseException) -> str:
     """The traceback of `e` without the framework's frames: what the user can act on."""
+    framework = _framework_dirs()
     frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not any(part in f.filename for part in FRAMEWORK) and "<frozen" not in f.filename]
+              if not os.path.realpath(f.filename).startswith(framework) and "<frozen" not in f.filename]
     if not frames:
         return ""
     return "Traceback (your code only; --debug shows all frames):\n" + "".join(traceback.format_list(frames))

@@ -24,7 +24,10 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    # The venv's bin first: scripts that take a command as a word list ("python -m ...") find this
+    # interpreter by name, so a checkout whose path has spaces works too.
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_SILENT="true",
+               PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]), **extra)
     return env
 
 

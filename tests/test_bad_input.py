@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 import torch
+import typer
 
-from conftest import run_fit
+import ddp_train
+from conftest import ROOT, run_fit
 from ddp_train import cli
 
 CUDA = torch.cuda.is_available()
@@ -207,13 +211,23 @@ CASES = [
 ]
 
 
+# The framework's packages, as folders: a clone or venv in a folder named ddp_train (or with spaces
+# in its path) must not make a user's own frames look like the framework's.
+def folder(module) -> str:
+    return os.path.join(os.path.dirname(module.__file__), "")
+
+
+OURS = folder(ddp_train)
+FRAMEWORK = [OURS] + [folder(m) for m in (typer, click, torch)]
+
+
 def user_error(capfd, argv: list[str]) -> tuple[int, str]:
     """Run fit; the output must end in one `error:` line and show no framework frames."""
     code, out, err = fit_error(capfd, argv)
     lines = err.rstrip().splitlines()
     assert code == 2, err
     assert lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1, err
-    for framework in ("/ddp_train/", "/typer/", "/click/", "/torch/"):
+    for framework in FRAMEWORK:
         assert framework not in err, err
     return code, err
 
@@ -236,7 +250,7 @@ def test_user_data_function_that_raises(tmp_path, capfd):
 
 def test_user_errors_show_everything_with_debug(tmp_path, capfd):
     code, _, err = fit_error(capfd, ["--data", f"{USER}:raises", "--run-dir", str(tmp_path / "r"), "--debug"])
-    assert code == 2 and "/ddp_train/" in err and err.rstrip().splitlines()[-1].startswith("error: --data")
+    assert code == 2 and OURS in err and err.rstrip().splitlines()[-1].startswith("error: --data")
 
 
 def test_two_dimensional_samples_get_a_working_default_model(tmp_path):
@@ -302,4 +316,20 @@ def test_more_ranks_than_validation_samples(tmp_path):
     # Both workers stop with code 2; torchrun, seeing the first one exit, may SIGTERM the other (-15).
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
     assert "2" in codes and set(codes) <= {"2", "-15"}, output
-    assert "/ddp_train/" not in output, output  # torchrun's traceback only, none from a worker
+    assert os.path.join(ROOT, "ddp_train", "") not in output, output  # torchrun's traceback only, none from a worker
+
+
+def test_user_frames_are_told_apart_from_the_frameworks_by_folder_not_by_name(tmp_path):
+    """The user's code in a checkout whose path names a framework (a folder `torch`, `ddp_train`,
+    spaces) is still the user's: its frames are shown."""
+    from ddp_train.userfn import user_frames
+
+    path = tmp_path / "my clone" / "torch" / "ddp_train" / "my_task.py"
+    path.parent.mkdir(parents=True)
+    path.write_text("def boom():\n    raise ValueError('a bug in my task')\n")
+    space: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), space)
+    with pytest.raises(ValueError) as e:
+        space["boom"]()
+    shown = user_frames(e.value)
+    assert f'File "{path}", line 2, in boom' in shown and OURS not in shown, shown

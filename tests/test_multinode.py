@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ TIMEOUT = 240
 
 
 def start(script: str, args: list[str], **variables: str) -> subprocess.Popen:
-    env = base_env(TORCHRUN=f"{sys.executable} -m torch.distributed.run", **variables)
+    env = base_env(TORCHRUN="python -m torch.distributed.run", **variables)
     # Own session, so a hung launch can be killed with all its workers.
     return subprocess.Popen([str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -124,8 +124,8 @@ def sbatch(script: str, run_dir: Path, variables: dict[str, str]) -> Job:
     # ddp_train importable from the checkout, no SLURM_* of an enclosing allocation.
     # Single node under ddp-torchrun (the scripts' default), several under plain torchrun.
     launcher = "ddp_train.torchrun" if script == "single-node" else "torch.distributed.run"
-    env = base_env(RUN_DIR=str(run_dir), DDP_TRAIN=f"{sys.executable} -m ddp_train",
-                   TORCHRUN=f"{sys.executable} -m {launcher}", **variables)
+    env = base_env(RUN_DIR=str(run_dir), DDP_TRAIN="python -m ddp_train",
+                   TORCHRUN=f"python -m {launcher}", **variables)
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--job-name=test-{script}",
                           *FITS_CLUSTER[script], str(ROOT / "slurm" / f"{script}.sbatch")],
                          env=env, capture_output=True, text=True, timeout=30)

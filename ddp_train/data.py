@@ -361,6 +361,9 @@ def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:
         ds = splits[split]
         if is_stream(ds):
             continue
+        if len(ds) == 0:
+            raise UsageError(f"the {name} set is empty: the data's {split!r} split has 0 samples; check where the "
+                             "data comes from (its path, download, filter or split)")
         if len(ds) < world_size:
             raise UsageError(f"the {name} set has {len(ds)} samples but the job has {world_size} ranks; "
                              "use fewer processes or more data")

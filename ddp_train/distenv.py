@@ -39,6 +39,13 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def oversubscribed(self, cores: int) -> str | None:
+        """A warning when this machine runs more CPU training processes than it has cores."""
+        if self.device != "cpu" or self.local_world_size <= cores:
+            return None
+        return (f"{self.local_world_size} processes on {cores} CPU cores: they take turns on the cores, so this "
+                f"runs slower than {cores} would; start at most {cores} per machine (--nproc_per_node={cores})")
+
     @classmethod
     def from_environ(cls, env: Mapping[str, str], cuda_devices: int = 0,
                      backend: str = "auto") -> "DistEnv":

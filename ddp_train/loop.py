@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from .log import Reporter
 from .optim import Schedule
 from .streaming import need_max_steps
 from .policy import Policy
-from .task import Task
+from .task import LabelError, Task
 from .userfn import user_error
 
 log = logging.getLogger("ddp_train")
@@ -321,9 +322,13 @@ def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, i
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
         if run.comm.peer_failure() or any(s in str(e) for s in PEER_LOST):
             raise
-        hint = ("this model uses an operation without a deterministic kernel on this device: drop "
-                "--deterministic, or replace that layer" if "deterministic implementation" in str(e)
-                else "make the model fit the batch's shapes")
+        if "deterministic implementation" in str(e):
+            hint = ("this model uses an operation without a deterministic kernel on this device: drop "
+                    "--deterministic, or replace that layer")
+        elif isinstance(e, LabelError) or re.search(r"Target -?\d+ is out of bounds", str(e)):
+            hint = "fix the labels, or give the model one output per class"
+        else:
+            hint = "make the model fit the batch's shapes"
         error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})", hint)
         if not run.comm.all_failed("first_step"):
             raise RankError(str(error), error.exit_code, error.details) from e

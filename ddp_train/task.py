@@ -84,7 +84,15 @@ class Task:
             raise UsageError(f"{type(self).__name__}: the model returns a {type(outputs).__name__}, not a "
                              "tensor of outputs; define the Task's loss(model, batch) (and eval_step)")
         if not targets.is_floating_point():
-            return nn.functional.cross_entropy(outputs.float(), targets)
+            try:
+                return nn.functional.cross_entropy(outputs.float(), targets)
+            except (IndexError, RuntimeError) as e:  # on CPU: "Target 3 is out of bounds."
+                classes = outputs.shape[-1] if outputs.dim() > 1 else 0
+                low, high = int(targets.min()), int(targets.max())
+                if classes and (low < 0 or high >= classes):
+                    raise LabelError(f"labels must be 0..{classes - 1} for the model's {classes} outputs (this "
+                                     f"batch has {low}..{high})") from e
+                raise
         return nn.functional.mse_loss(outputs.float(), targets.view_as(outputs).float())
 
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
@@ -108,6 +116,10 @@ class Task:
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments: what config.json records as task_args."""
         return dict(getattr(self, "_settings", {}))
+
+
+class LabelError(ValueError):
+    """Class labels outside the model's outputs."""
 
 
 def overrides(task: Task, method: str) -> bool:

@@ -137,6 +137,10 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
                 policy=policy, saver=saver, report=report, preempt=preempt, origin=origin, state=state)
     log.info("ddp_train: launcher=%s world_size=%d backend=%s device=%s strategy=%s run_dir=%s",
              env.launcher, env.world_size, env.backend, env.device, strategy, run_dir)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    crowded = env.oversubscribed(cores)
+    if crowded:
+        log.warning(crowded)
     if ckpt is not None:
         _restore(trainer, state, policy, ckpt, per_rank_samples=cfg.batch_size * env.world_size,
                  optimizer_too=not sharded_run)

@@ -24,10 +24,13 @@ import sys
 
 
 class _SpokenFailures(logging.Filter):
-    """Drops the agent's "failed (exitcode: N)" record for a worker that exited on its own."""
+    """Drops the agent's "failed (exitcode: N)" record for a worker that exited on its own, and its
+    "Sending process N closing signal SIGTERM" to the others (routine once one has stopped)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if "closing signal" in str(record.msg):
+            return "SIGTERM" not in record.args if isinstance(record.args, tuple) else True
         return not ("failed (exitcode: " in message and "exitcode: -" not in message)
 
 

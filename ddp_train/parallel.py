@@ -18,6 +18,9 @@ log = logging.getLogger("ddp_train")
 def resolve_strategy(strategy: str, env: DistEnv, precision: str = "32") -> str:
     several_gpus = env.device.startswith("cuda") and env.cuda_devices > 1
     if strategy == "auto":
+        if several_gpus and not env.distributed:
+            log.info("one process sees %d GPUs: DataParallel over all of them; `torchrun --nproc_per_node=%d -m "
+                     "ddp_train fit ...` (DDP, a process per GPU) is faster", env.cuda_devices, env.cuda_devices)
         return "ddp" if env.distributed else "dp" if several_gpus else "single"
     if strategy == "fsdp":
         if precision == "fp16":

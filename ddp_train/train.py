@@ -78,7 +78,8 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
         _check_compatible(ckpt, settings, env, ckpt_path, total)
 
     with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
-        model = task.model(cfg)
+        # --pretrained: rank 0 downloads the weights into the shared cache, then the others read it
+        model = rank0_first(lambda: task.model(cfg), cfg.pretrained, comm)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{origin.split('/')[0]} must build a torch.nn.Module, got {type(model).__name__}")
     if cfg.init_from and ckpt is None:

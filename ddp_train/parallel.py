@@ -31,9 +31,9 @@ def resolve_strategy(strategy: str, env: DistEnv, precision: str = "32") -> str:
                      "(checkpoints stay sharded, so the run can move to more processes)")
             return "single"
         if precision == "bf16":
-            log.info("--strategy fsdp --precision bf16: FSDP casts the parameters to bfloat16 in every layer (norms "
-                     "and softmax included); one process computes under autocast instead, so a run that moves "
-                     "between 1 and N processes continues a close trajectory, not the same one")
+            log.info("--strategy fsdp --precision bf16: FSDP casts the parameters to bfloat16 in every layer but "
+                     "BatchNorm's (LayerNorm and softmax included); one process computes under autocast instead, "
+                     "so a run that moves between 1 and N processes continues a close trajectory, not the same one")
         return "fsdp"
     if strategy == "ddp" and not env.distributed:
         raise UsageError("--strategy ddp needs several processes: launch with "

@@ -228,3 +228,34 @@ def test_channels_last_inputs_take_one_copy():
     x = torch.randn(2, 3, 4, 4)
     out = move_to([x, torch.zeros(2)], torch.device("cpu"), channels_last=True)
     assert out[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(out[0], x)
+
+
+# --- CUDA memory in the log and metrics.jsonl; the out-of-memory line ------------------------------
+
+def test_train_lines_and_events_carry_the_cuda_memory_peaks(tmp_path, caplog):
+    import json
+    import logging
+
+    from ddp_train.log import Progress, Reporter, RunFiles, Tracker
+
+    files = RunFiles(tmp_path)
+    report = Reporter(files, Tracker(), Progress(False))
+    memory = {"max_mem_allocated_gib": 1.5, "max_mem_reserved_gib": 2.0}
+    with caplog.at_level(logging.INFO, logger="ddp_train"):
+        report.train(10, 1, 100, 1, 640, 0.5, 1e-3, 123.0, memory)
+        report.train(20, 1, 100, 1, 1280, 0.4, 1e-3, 123.0)  # off CUDA: no figures
+    files.close()
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["max_mem_allocated_gib"] == 1.5 and events[0]["max_mem_reserved_gib"] == 2.0
+    assert "max_mem_allocated_gib" not in events[1]
+    assert "mem 1.5/2.0 GiB" in caplog.text
+
+
+def test_out_of_memory_names_the_step_and_what_to_lower():
+    from ddp_train.errors import RankError
+    from ddp_train.gpumem import named_oom
+
+    with pytest.raises(RankError, match=r"during the evaluation at step 7 \(cpu; CUDA out of memory\. Tried.*\); "
+                                        r"lower --eval-batch-size, or shard the model with --strategy fsdp"):
+        with named_oom(torch.device("cpu"), "the evaluation at step 7", evaluation=True):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -17,8 +17,27 @@ from typing import Any
 log = logging.getLogger("ddp_train")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: while the progress bar is live that is rich's
+    proxy, which prints the line above the bar (a handler holding the original stream wrote onto
+    the bar's line)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def epoch_label(epoch: int, epochs: int | None) -> str:
+    """`epoch 2/10`; `epoch 2` when --max-steps (or a stream) ends the run, not the epochs."""
+    return f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}"
+
+
 def setup_logging(rank: int, all_ranks: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     prefix = f"[rank {rank}] " if all_ranks else ""
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     log.handlers[:] = [handler]
@@ -31,23 +50,31 @@ def fmt(metrics: dict[str, float]) -> str:
 
 
 class Progress:
-    """A rich progress bar when rank 0 writes to a terminal; plain periodic lines otherwise."""
+    """A rich progress bar on stderr when rank 0 writes to a terminal (`console`: another one);
+    plain periodic lines otherwise. The bar counts the run's steps toward its end; log lines print
+    above it."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, console: Any = None):
         self._bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and (console is not None or sys.stderr.isatty()):
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
             self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True,
+                            console=console or Console(stderr=True))
             self._bar.start()
         self._task = None
 
-    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
-        if self._bar is not None:
-            if self._task is not None:
-                self._bar.remove_task(self._task)
-            self._task = self._bar.add_task(f"epoch {epoch}/{epochs}", total=total, completed=done, info="")
+    def start_epoch(self, epoch: int, epochs: int | None, total: int, done: int) -> None:
+        """Epoch `epoch` of `epochs` (None: the steps end the run) begins; `done` of the run's
+        `total` steps are done."""
+        if self._bar is None:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task(epoch_label(epoch, epochs), total=total, completed=done, info="")
+        else:
+            self._bar.update(self._task, description=epoch_label(epoch, epochs), completed=done)
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -202,8 +229,8 @@ class Reporter:
     def __init__(self, files: RunFiles, tracker: Tracker, progress: Progress):
         self.files, self.tracker, self.progress = files, tracker, progress
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
-        self.progress.start_epoch(epoch, epochs, steps, done)
+    def start_epoch(self, epoch: int, epochs: int | None, total: int, done: int) -> None:
+        self.progress.start_epoch(epoch, epochs, total, done)
 
     def advance(self) -> None:
         self.progress.advance()
@@ -211,7 +238,7 @@ class Reporter:
     def event(self, name: str, **fields: Any) -> None:
         self.files.event(name, **fields)
 
-    def train(self, step: int, epoch: int, total: int, epochs: int, samples: int, loss: float, lr: float,
+    def train(self, step: int, epoch: int, total: int, epochs: int | None, samples: int, loss: float, lr: float,
               rate: float, memory: dict[str, float] | None = None) -> None:
         """`memory`: this rank's CUDA peaks (gpumem.peaks), shown and recorded on GPU runs."""
         memory = memory or {}
@@ -220,14 +247,14 @@ class Reporter:
                           **{f"train/{k}": v for k, v in memory.items()}}, step)
         mem = (f" mem {memory['max_mem_allocated_gib']:.1f}/{memory['max_mem_reserved_gib']:.1f} GiB"
                if memory else "")
-        self.progress.show(f"epoch {epoch}/{epochs} step {step}/{total} loss {loss:.4f} lr {lr:.3g} "
+        self.progress.show(f"{epoch_label(epoch, epochs)} step {step}/{total} loss {loss:.4f} lr {lr:.3g} "
                            f"{rate:.0f} samples/s{mem}")
 
-    def evaluation(self, row: dict[str, Any], epochs: int) -> None:
+    def evaluation(self, row: dict[str, Any], epochs: int | None) -> None:
         self.files.history_row(row)
         self.files.event("eval", **row)
         self.tracker.log({f"val/{k[4:]}" if k.startswith("val_") else k: v for k, v in row.items()}, row["step"])
-        log.info("epoch %d/%d %s", row["epoch"], epochs, fmt({k: v for k, v in row.items() if k != "epoch"}))
+        log.info("%s %s", epoch_label(row["epoch"], epochs), fmt({k: v for k, v in row.items() if k != "epoch"}))
 
     def close(self, step: int, exit_code: int) -> None:
         self.progress.close()

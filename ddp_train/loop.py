@@ -217,6 +217,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
     cfg, st, comm, trainer = run.cfg, run.state, run.comm, run.trainer
     batches = run.sampler.num_batches
     per_epoch, total = plan(cfg, batches)
+    epochs = cfg.epochs if per_epoch is not None and total == cfg.epochs * per_epoch else None  # None: steps decide
     window = LossWindow(comm, trainer.device, cfg.skip_nonfinite)
     world_size = comm.env.world_size
     seen = st.step * cfg.batch_size * cfg.grad_accum * world_size
@@ -236,7 +237,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
     while st.step < total and st.epoch < cfg.epochs:
         run.sampler.set_epoch(st.epoch, st.batch_in_epoch)
         trainer.wrapped.train()
-        run.report.start_epoch(st.epoch + 1, cfg.epochs, per_epoch, st.batch_in_epoch // cfg.grad_accum)
+        run.report.start_epoch(st.epoch + 1, epochs, total, st.step)
         batches_iter = iter(run.loader)
         epoch_ended = False
         while not epoch_ended and st.step < total:
@@ -246,7 +247,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 trainer.end_epoch()
                 if run.policy.eval_due(st.step, True, st.epoch >= cfg.epochs):
                     sync_loss()
-                    last_row, stop = _evaluate(run, t0, total)
+                    last_row, stop = _evaluate(run, t0, total, epochs)
                     if stop:
                         comm.end_votes()
                         return "early_stop", last_row
@@ -266,7 +267,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 sync_loss()
                 now = time.perf_counter()
                 rate = (seen - seen_log) / max(now - t_log, 1e-9)
-                run.report.train(st.step, st.epoch + 1, total, cfg.epochs, seen, _last_mean(st), trainer.lr, rate,
+                run.report.train(st.step, st.epoch + 1, total, epochs, seen, _last_mean(st), trainer.lr, rate,
                                  peaks(trainer.device))
                 t_log, seen_log = now, seen
             if comm.vote_any(run.preempt.requested is not None):
@@ -290,7 +291,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             # behind it in the same order on every rank, and its answer is read at the next vote.
             if run.policy.eval_due(st.step, epoch_ended, st.step >= total or st.epoch >= cfg.epochs):
                 sync_loss()
-                last_row, stop = _evaluate(run, t0, total)
+                last_row, stop = _evaluate(run, t0, total, epochs)
                 if stop:
                     comm.end_votes()
                     return "early_stop", last_row
@@ -352,7 +353,7 @@ def _last_mean(st: TrainState) -> float:
     return st.loss_sum / max(st.loss_count, 1)
 
 
-def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
+def _evaluate(run: Loop, t0: float, total: int, epochs: int | None) -> tuple[dict[str, Any], bool]:
     """Evaluate, record, decide best and early stopping, checkpoint. Returns (row, stop)."""
     st, cfg = run.state, run.cfg
     train_loss = _last_mean(st)
@@ -369,7 +370,7 @@ def _evaluate(run: Loop, t0: float, total: int) -> tuple[dict[str, Any], bool]:
     epoch = st.epoch if st.batch_in_epoch == 0 else st.epoch + 1
     row = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **results, "lr": run.trainer.lr,
            "seconds": round(time.perf_counter() - t0, 3)}
-    run.report.evaluation(row, cfg.epochs)
+    run.report.evaluation(row, epochs)
     run.saver.save(best=improved, step_file=run.policy.step_file_due(st.step), durable=done or stop)
     if stop:
         log.info("early stopping: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)

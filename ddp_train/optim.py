@@ -5,6 +5,7 @@ so that config.json records them and a resume refuses a different one."""
 from __future__ import annotations
 
 import math
+import re
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -224,7 +225,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # the same object on a resume: no address
 
 
 __all__ = ["StepPlan", "Schedule", "build_optimizer", "build_scheduler", "task_optimizer", "task_scheduler",

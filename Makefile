@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: fit test lint docs bench clean
 
 # TORCH_INDEX: where torch comes from, e.g. the CPU-only build on a machine without a GPU
-# (make fit TORCH_INDEX=https://download.pytorch.org/whl/cpu: a ~1.5 GB venv instead of ~6 GB).
+# (make fit TORCH_INDEX=https://download.pytorch.org/whl/cpu: a 1.6 GB venv instead of 6.1 GB).
 TORCH_INDEX ?=
 
 $(STAMP): pyproject.toml

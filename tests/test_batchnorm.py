@@ -51,3 +51,14 @@ def test_fsdp_bf16_trains_a_batchnorm_cnn(tmp_path):
 
     state = sharded.export(run_dir / "checkpoints" / "last")
     assert state["stem.1.weight"].dtype == state["stem.1.running_mean"].dtype == torch.float32
+
+
+def test_norms_with_running_statistics_are_their_own_float32_units():
+    from ddp_train.fsdp import running_stat_norms
+    from tests.fixtures.tasks import SmallResNet
+
+    model = SmallResNet()
+    norms = running_stat_norms(model)
+    assert norms == [model.stem[1], model.layer1[1], model.layer1[4]]
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.BatchNorm1d(2, affine=False))
+    assert running_stat_norms(plain) == []  # no running statistics, or no parameters to cast

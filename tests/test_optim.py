@@ -11,7 +11,8 @@ import torch
 
 from ddp_train import UsageError, fit
 from ddp_train.config import FitConfig
-from ddp_train.optim import StepPlan, build_scheduler
+from ddp_train.optim import (StepPlan, build_optimizer, build_scheduler, describe_optimizer, describe_schedule,
+                              differences)
 from tests.fixtures.tasks import DictTask
 
 
@@ -95,3 +96,18 @@ def test_task_optimizer_must_hold_the_models_parameters(tmp_path):
 
     with pytest.raises(UsageError, match=r"Foreign.optimizer\(model, cfg\) holds tensors that are not the model's"):
         fit(Foreign(), epochs=1, run_dir=str(tmp_path / "f"), progress=False)
+
+
+def test_descriptions_of_the_same_setup_compare_equal_and_name_a_change():
+    def build(cfg):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        opt = build_optimizer(cfg, model)
+        described = describe_optimizer(opt)  # before the schedule sets the first rates
+        return {"optimizer": described, "scheduler": describe_schedule(build_scheduler(cfg, opt, StepPlan(10, 30)))}
+
+    cfg = FitConfig(optimizer="adamw", scheduler="linear", warmup_steps=5, epochs=3)
+    first = build(cfg)
+    assert differences(first, build(cfg)) == []  # a resume of the same run is not refused
+    assert json.loads(json.dumps(first)) == first  # config.json holds it as it is
+    changed = differences(first, build(cfg.replace(warmup_steps=6)))
+    assert "scheduler.schedulers[0].lr_lambdas[0].warmup 5 -> 6" in changed

@@ -6,6 +6,7 @@ Each part has one owner: `Trainer` (what changes the weights), the loaders and `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, cpu_malloc, optim
+from . import __version__, checkpoint, cpu_malloc, optim, runlock
 from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_identity, task_identity
 from .data import TensorData, check_sizes, default_workers, eval_loader, rank0_first, train_loader
 from .dist import Comm
@@ -40,6 +41,12 @@ OUR_FILES = ("config.json", "history.csv", "metrics.jsonl", "history.png")
 
 def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any) -> FitResult:
     """`settings` are the run's (saved, checked on resume); `cfg` is what this world size runs."""
+    with contextlib.ExitStack() as held:  # rank 0: the run directory's lock, until the run ends
+        return _run(settings, task, env, comm, preempt, held)
+
+
+def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any,
+         held: contextlib.ExitStack) -> FitResult:
     cfg = resolve_batches(settings, env.world_size)
     device = torch.device(env.device)
     if device.type == "cuda":
@@ -72,7 +79,7 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
     loader, sampler = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers,
                                    device.type == "cuda", settings.global_batch_size)
     per_epoch, total = plan(cfg, sampler.num_batches)
-    run_dir, ckpt_path = comm.rank0(prepare_run_dir, settings, env)
+    run_dir, ckpt_path = comm.rank0(prepare_run_dir, settings, env, held)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:  # before any weights load: name the differing settings, not tensor shapes
         _check_compatible(ckpt, settings, env, ckpt_path, total)
@@ -238,9 +245,13 @@ def default_run_dir(cfg: FitConfig, world_size: int) -> Path:
     return Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
 
 
-def prepare_run_dir(cfg: FitConfig, env: DistEnv) -> tuple[Path, Path | None]:
-    """Rank 0: choose and create the run directory and pick the checkpoint to resume, if any."""
+def prepare_run_dir(cfg: FitConfig, env: DistEnv, held: contextlib.ExitStack) -> tuple[Path, Path | None]:
+    """Rank 0: choose and create the run directory, lock it until `held` closes (before anything in
+    it is touched: another run may be using it), and pick the checkpoint to resume, if any."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, env.world_size)
+    lock = runlock.RunLock(run_dir, env.run_id, env.slurm_job_id)
+    lock.acquire()
+    held.callback(lock.release)
     ckpt_dir = run_dir / "checkpoints"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

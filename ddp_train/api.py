@@ -69,7 +69,7 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
     main_thread = threading.current_thread() is threading.main_thread()
     preempt = PreemptFlag(cfg.preempt_signal, announce=env.is_main) if main_thread else None
     try:
-        with distributed(env, cfg.timeout) as comm, numerics(cfg.deterministic, cfg.tf32, env.device.split(":")[0]):
+        with distributed(env, cfg.timeout, cfg.hang_timeout) as comm, numerics(cfg.deterministic, cfg.tf32, env.device.split(":")[0]):
             try:
                 result = train.run(cfg, task, env, comm, preempt or _NoSignals())
             except AgreedError as e:

@@ -73,7 +73,7 @@ FIT_GROUPS: dict[str, str] = {
                      "label_smoothing", "clip_grad_norm", "precision", "tf32", "seed", "deterministic", "skip_nonfinite",
                      "max_skipped"), "Optimisation"),
     **dict.fromkeys(("eval_every", "metrics", "monitor", "mode", "patience"), "Evaluation and early stopping"),
-    **dict.fromkeys(("strategy", "backend", "timeout"), "Distributed"),
+    **dict.fromkeys(("strategy", "backend", "timeout", "hang_timeout"), "Distributed"),
     **dict.fromkeys(("run_dir", "resume", "overwrite", "init_from", "init_strict", "save_every", "save_every_seconds",
                      "keep", "preempt_signal", "requeue"), "Checkpoints and resume"),
     **dict.fromkeys(("log_every", "log_all_ranks", "progress", "wandb", "wandb_project", "wandb_name",

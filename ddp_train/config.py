@@ -102,6 +102,8 @@ class FitConfig:
                               "on GPU: up to 8, from the CPUs of each process, to decode JPEGs off the training "
                               "process).", min=0)
     timeout: float = opt(600.0, "Seconds a collective may wait before the run is declared hung.", positive=True)
+    hang_timeout: float = opt(60.0, "Seconds a rank may go without a heartbeat (alive but stopped or stuck) "
+                              "before every rank stops, naming it, instead of waiting --timeout (0: never).", min=0)
     # run directory, checkpoints, resume
     run_dir: str | None = opt(None, "Run directory (default: runs/<data>-<model>-<launch id>).")
     resume: str = opt("auto", "auto: continue from the run directory's checkpoint if any; never: start "
@@ -181,7 +183,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
 
 # Settings that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({
-    "epochs", "max_steps", "patience", "workers", "timeout", "run_dir", "resume", "overwrite",
+    "epochs", "max_steps", "patience", "workers", "timeout", "hang_timeout", "run_dir", "resume", "overwrite",
     "save_every", "save_every_seconds", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks",
     "progress", "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
     "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped", "tf32",

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from .distenv import DistEnv, is_loopback
-from .errors import EXIT_CRASH, AgreedError, PeerFailure
+from .errors import AgreedError, PeerFailure
 from .stopvote import StopVote
+from .watchdog import ABORT_KEY, Watchdog
 
 
 
@@ -34,7 +35,8 @@ class Comm:
 
     def __init__(self, env: DistEnv, control: Any = None, store: Any = None):
         self.env = env
-        self.abort_key = "ddp_train/abort"
+        self.abort_key = ABORT_KEY
+        self.step = 0  # this rank's optimizer steps, for its heartbeat (see at_step)
         self._control = control
         self._store = store
         self._votes = StopVote(control)
@@ -103,6 +105,10 @@ class Comm:
             raise value
         return value
 
+    def at_step(self, step: int) -> None:
+        """Not a collective: record this rank's progress (named if it ever hangs)."""
+        self.step = step
+
     def close(self) -> None:
         """Not a collective: drop this object's hold on the control group and the store, so that
         destroying the groups frees them here, in the calling thread."""
@@ -146,44 +152,10 @@ class Comm:
         return None
 
 
-class _Watchdog(threading.Thread):
-    """Ends this process when another rank announces a failure or the job's store vanishes, so no
-    rank waits in a collective for a peer that is gone."""
-
-    def __init__(self, comm: Comm, interval: float = 1.0, grace: float = 5.0):
-        super().__init__(name="ddp_train-watchdog", daemon=True)
-        self.comm, self.interval, self.grace = comm, interval, grace
-        self.stopped = threading.Event()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Not a collective. Returns once the thread has ended (it wakes at once from its wait;
-        a store call in flight is given `timeout` seconds)."""
-        self.stopped.set()
-        if self.is_alive() and self is not threading.current_thread():
-            self.join(timeout)
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                found = self.comm._store.check([self.comm.abort_key])
-                reason = self.comm._store.get(self.comm.abort_key).decode() if found else None
-            except Exception:
-                if self.stopped.wait(self.grace):
-                    return  # normal shutdown: rank 0 closed the store after the final barrier
-                reason = "lost contact with the job's rendezvous store (another rank died)"
-            if reason and not self.stopped.is_set():
-                _die(f"[rank {self.comm.env.rank}] stopping: {reason}")
-
-
-def _die(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(EXIT_CRASH)
-
-
 @contextlib.contextmanager
-def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
+def distributed(env: DistEnv, timeout_s: float, hang_s: float = 60.0) -> Iterator[Comm]:
     """Initialise the process group (if several processes), yield a `Comm`, tear down cleanly.
+    A rank silent for `hang_s` seconds (0: never) ends the job (ddp_train/watchdog.py).
 
     On an exception the group is not destroyed (that could wait on a dead peer): the process exits.
     """
@@ -200,9 +172,12 @@ def distributed(env: DistEnv, timeout_s: float) -> Iterator[Comm]:
                             world_size=env.world_size, timeout=timeout, **kwargs)
     # Flags and objects travel in a CPU group of their own: they never wait behind the gradient
     # all-reduce in the training group's queue, nor synchronise a GPU stream.
+    store = _store(env, timedelta(seconds=30), client=True)
+    watchdog = Watchdog(store, env, hang_s, timeout_s)
+    watchdog.beat()  # before the group: every rank's first heartbeat is in the store once it exists
     control = dist.new_group(backend="gloo", timeout=timeout)
-    comm = Comm(env, control, _store(env, timedelta(seconds=30), client=True))
-    watchdog = _Watchdog(comm)
+    comm = Comm(env, control, store)
+    watchdog.step = lambda: comm.step
     watchdog.start()
     try:
         yield comm

@@ -257,6 +257,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             window.add(losses, st.step + 1, st.epoch + 1)
             seen += sum(n for _, n in losses) * world_size
             st.step += 1
+            comm.at_step(st.step)
             st.batch_in_epoch += len(micro)
             _count_skips(run, applied)
             run.report.advance()

@@ -27,7 +27,8 @@ def base_env(**extra: str) -> dict[str, str]:
     # The venv's bin first: scripts that take a command as a word list ("python -m ...") find this
     # interpreter by name, so a checkout whose path has spaces works too.
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_SILENT="true",
-               PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]), **extra)
+               PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]))
+    env.update(extra)
     return env
 
 

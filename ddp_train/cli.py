@@ -76,7 +76,7 @@ FIT_GROUPS: dict[str, str] = {
     **dict.fromkeys(("strategy", "backend", "timeout", "hang_timeout"), "Distributed"),
     **dict.fromkeys(("run_dir", "resume", "overwrite", "init_from", "init_strict", "save_every", "save_every_seconds",
                      "keep", "preempt_signal", "requeue"), "Checkpoints and resume"),
-    **dict.fromkeys(("log_every", "log_all_ranks", "progress", "wandb", "wandb_project", "wandb_name",
+    **dict.fromkeys(("log_every", "log_all_ranks", "progress", "wandb", "wandb_project", "wandb_name", "tensorboard",
                      "debug"), "Output and logging"),
 }
 OTHER = "Other"

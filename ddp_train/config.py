@@ -126,6 +126,8 @@ class FitConfig:
     wandb: bool = opt(False, "Log to Weights & Biases from rank 0 (WANDB_MODE=offline works).")
     wandb_project: str = opt("ddp-train", "wandb project.")
     wandb_name: str | None = opt(None, "wandb run name (default: the run directory's name).")
+    tensorboard: bool = opt(False, "Write TensorBoard event files to <run dir>/tensorboard from rank 0 (needs the "
+                            "tensorboard package: pip install 'ddp-train[tensorboard]').")
     debug: bool = opt(False, "Show tracebacks for usage errors.")
 
     def __post_init__(self) -> None:
@@ -185,7 +187,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
 RESUMABLE_CHANGES = frozenset({
     "epochs", "max_steps", "patience", "workers", "timeout", "hang_timeout", "run_dir", "resume", "overwrite",
     "save_every", "save_every_seconds", "keep", "preempt_signal", "requeue", "log_every", "log_all_ranks",
-    "progress", "wandb", "wandb_project", "wandb_name", "debug", "data_dir", "download", "eval_batch_size",
+    "progress", "wandb", "wandb_project", "wandb_name", "tensorboard", "debug", "data_dir", "download", "eval_batch_size",
     "init_from", "init_strict", "compile", "eval_every", "metrics", "max_skipped", "tf32",
 })
 
@@ -285,7 +287,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 PER_INVOCATION = frozenset({"run_dir", "resume", "overwrite", "init_from", "init_strict", "debug"})
 
 # How a run is invoked or shown, not which run it is: left out of its identity.
-NOT_IDENTITY = frozenset({"run_dir", "resume", "overwrite", "debug", "progress", "log_all_ranks"})
+NOT_IDENTITY = frozenset({"run_dir", "resume", "overwrite", "debug", "progress", "log_all_ranks", "tensorboard"})
 
 
 def run_identity(cfg: FitConfig, world_size: int) -> dict[str, Any]:

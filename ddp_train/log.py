@@ -228,6 +228,7 @@ class Reporter:
 
     def __init__(self, files: RunFiles, tracker: Tracker, progress: Progress):
         self.files, self.tracker, self.progress = files, tracker, progress
+        self._task_values: list[tuple[int, str, Any]] = []
 
     def start_epoch(self, epoch: int, epochs: int | None, total: int, done: int) -> None:
         self.progress.start_epoch(epoch, epochs, total, done)
@@ -241,6 +242,7 @@ class Reporter:
     def train(self, step: int, epoch: int, total: int, epochs: int | None, samples: int, loss: float, lr: float,
               rate: float, memory: dict[str, float] | None = None) -> None:
         """`memory`: this rank's CUDA peaks (gpumem.peaks), shown and recorded on GPU runs."""
+        self._write_task_values()
         memory = memory or {}
         self.files.event("train", step=step, epoch=epoch, samples=samples, loss=loss, lr=lr, **memory)
         self.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate,
@@ -250,6 +252,19 @@ class Reporter:
         self.progress.show(f"{epoch_label(epoch, epochs)} step {step}/{total} loss {loss:.4f} lr {lr:.3g} "
                            f"{rate:.0f} samples/s{mem}")
 
+    def task_logged(self, step: int, values: list[tuple[str, Any]]) -> None:
+        """What the Task logged (Task.log) at `step`: kept until the next train line or the end."""
+        self._task_values.extend((step, name, value) for name, value in values)
+
+    def _write_task_values(self) -> None:
+        by_step: dict[int, dict[str, float]] = {}
+        for step, name, value in self._task_values:
+            by_step.setdefault(step, {})[name] = float(value)  # a tensor is read here, not at each step
+        self._task_values = []
+        for step, row in by_step.items():
+            self.files.event("task", step=step, **row)
+            self.tracker.log({f"task/{name}": value for name, value in row.items()}, step)
+
     def evaluation(self, row: dict[str, Any], epochs: int | None) -> None:
         self.files.history_row(row)
         self.files.event("eval", **row)
@@ -258,6 +273,7 @@ class Reporter:
 
     def close(self, step: int, exit_code: int) -> None:
         self.progress.close()
+        self._write_task_values()
         self.files.event("end", step=step, exit_code=exit_code)
         self.files.close()
         self.tracker.finish(exit_code)

@@ -27,7 +27,7 @@ from .log import Reporter
 from .optim import Schedule
 from .streaming import need_max_steps
 from .policy import Policy
-from .task import LabelError, Task
+from .task import LabelError, Task, drain_logged
 from .userfn import user_error
 
 log = logging.getLogger("ddp_train")
@@ -259,6 +259,9 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             st.step += 1
             comm.at_step(st.step)
             st.batch_in_epoch += len(micro)
+            logged = drain_logged(trainer.task)
+            if logged and comm.env.is_main:  # other ranks' values are dropped: no collective
+                run.report.task_logged(st.step, logged)
             _count_skips(run, applied)
             run.report.advance()
             if first_step:

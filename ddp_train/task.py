@@ -98,6 +98,21 @@ class Task:
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
         return None
 
+    def log(self, name: str, value: float | torch.Tensor) -> None:
+        """Record a value of your own at this training step; call it from `loss` (e.g. an auxiliary
+        loss, a gate's load). Rank 0's values are written every --log-every steps, at the step they
+        were logged: to metrics.jsonl (`{"event": "task", "step": S, name: value}`), and as
+        `task/<name>` to TensorBoard and wandb. No collective: other ranks' values are dropped, and a
+        tensor is read only when written, so logging adds no host sync per step. The last value of
+        a name in a step counts. For a value over every rank, make it a metric (`metrics()`),
+        which evaluation computes exactly over all ranks."""
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                or isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(f"{type(self).__name__}.log({name!r}, ...) takes a number or a one-element tensor, "
+                            f"got {type(value).__name__}")
+        self.__dict__.setdefault("_logged", []).append(
+            (name, value.detach() if isinstance(value, torch.Tensor) else value))
+
     def optimizer(self, model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer | None:
         """Build the optimizer from `model`'s parameters (the sharded ones under FSDP: build it here,
         not in `model()`). Any torch.optim class and parameter groups, e.g. no weight decay on biases
@@ -120,6 +135,11 @@ class Task:
 
 class LabelError(ValueError):
     """Class labels outside the model's outputs."""
+
+
+def drain_logged(task: Task) -> list[tuple[str, Any]]:
+    """The (name, value) pairs `task.log` recorded since the last call."""
+    return task.__dict__.pop("_logged", [])
 
 
 def overrides(task: Task, method: str) -> bool:

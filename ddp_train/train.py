@@ -33,6 +33,7 @@ from .loop import Loop, Trainer, TrainState, plan, train
 from .parallel import resolve_strategy, wrap
 from .policy import Policy
 from .result import FitResult
+from .trackers import TensorBoardTracker, Trackers, check_tensorboard
 from .task import BuiltinTask, Task, check_settings, spec_of
 from .userfn import user_code
 
@@ -48,6 +49,8 @@ def run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any)
 def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any,
          held: contextlib.ExitStack) -> FitResult:
     cfg = resolve_batches(settings, env.world_size)
+    if cfg.tensorboard:
+        check_tensorboard()
     device = torch.device(env.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -124,10 +127,13 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     files = RunFiles(run_dir) if main else NullFiles()
     if main:
         dump_json(settings, extra, run_dir / "config.json", optimization=optimization)
-    tracker = Tracker()
+    trackers: list[Tracker] = []
     if main and cfg.wandb:
-        tracker = make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
-                               {**settings.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None)
+        trackers.append(make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
+                                     {**settings.to_dict(), **extra}, ckpt.get("wandb_run_id") if ckpt else None))
+    if main and cfg.tensorboard:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard", ckpt.get("step") if ckpt else None))
+    tracker = Trackers(trackers)
     report = Reporter(files, tracker, Progress(cfg.progress) if main else NullProgress())
     trainer = Trainer(task, model, wrapped, optimizer, schedule, scaler, cfg, device, _autocast(cfg, strategy),
                       sharded=strategy == "fsdp")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import io
+import json
 import re
+from pathlib import Path
 
+import pytest
+import torch
 from rich.console import Console
 
+from ddp_train import UsageError, fit
 from ddp_train.log import Progress, log, setup_logging
+from tests.fixtures.tasks import DictTask
 
 
 def test_log_lines_print_above_the_bar_which_counts_the_runs_steps():
@@ -26,3 +34,72 @@ def test_log_lines_print_above_the_bar_which_counts_the_runs_steps():
     bars = [line for line in screen if "━" in line]
     assert bars and all(re.match(r"epoch [12] ━", line) for line in bars), bars  # no "/10": the steps decide
     assert any(" 12/30 " in line for line in bars) and not any("/12" in line for line in bars), bars
+
+
+CRASH: dict[int, bool] = {}  # loss call -> raise there (not a Task setting)
+
+
+class Logs(DictTask):
+    """Logs a value of its own every step (rank 0's); crashes where CRASH says."""
+
+    def loss(self, model, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if CRASH.pop(self.calls, False):
+            raise RuntimeError("a crash after the checkpoint")
+        loss = super().loss(model, batch)
+        self.log("twice_loss", 2 * loss)
+        return loss
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_has_historys_scalars_on_the_same_steps_after_a_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    # 13 steps an epoch; evaluations every 4 steps; only the first one's checkpoint is written (60 s apart)
+    options = dict(epochs=2, batch_size=16, eval_every=4, log_every=2, run_dir=str(run_dir), progress=False,
+                   tensorboard=True)
+    CRASH[11] = True
+    with pytest.raises(RuntimeError, match="a crash after the checkpoint"):
+        fit(Logs(), **options)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert fit(Logs(), **options).step == 26  # resumed at step 4: steps 5-10 are trained again
+    with (run_dir / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    scalars = _scalars(run_dir / "tensorboard")
+    assert [int(r["step"]) for r in history] == [4, 8, 12, 16, 20, 24, 26]
+    for column in history[0]:
+        if column == "step":
+            continue
+        tag = f"val/{column[4:]}" if column.startswith("val_") else column
+        assert [s for s, _ in scalars[tag]] == [int(r["step"]) for r in history], (tag, scalars[tag])
+        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[column]) for r in history], rel=1e-6), tag
+    own = [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == "task"]
+    assert [e["step"] for e in own] == list(range(1, 27))  # each step once: the crashed run's 5-10 were dropped
+    assert [s for s, _ in scalars["task/twice_loss"]] == list(range(1, 27))
+    assert [s for s, _ in scalars["train/loss"]] == list(range(2, 27, 2))
+    assert scalars["task/twice_loss"][0][1] == pytest.approx(own[0]["twice_loss"], rel=1e-6)
+
+
+def test_tensorboard_missing_is_one_clear_line(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else
+                        find_spec(name, *a))
+    with pytest.raises(UsageError, match=r"^--tensorboard needs the tensorboard package: pip install "
+                                         r"'ddp-train\[tensorboard\]' \(or pip install tensorboard\), or drop "
+                                         r"--tensorboard$"):
+        fit(DictTask(), tensorboard=True, run_dir=str(tmp_path / "r"), progress=False)
+
+
+def test_a_task_logs_numbers_or_one_element_tensors():
+    task = DictTask()
+    task.log("a", 1.5)
+    task.log("b", torch.tensor(2.0))
+    with pytest.raises(TypeError, match=r"DictTask.log\('c', ...\) takes a number or a one-element tensor, got "
+                                        r"Tensor"):
+        task.log("c", torch.ones(3))

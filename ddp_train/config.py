@@ -344,4 +344,10 @@ def config_from_dict(values: dict[str, Any]) -> FitConfig:
 def dump_json(cfg: FitConfig, launch: dict[str, Any], path: Path, **sections: Any) -> None:
     """The settings at the top level (what `fit --run-dir` reads back), how it ran under "launch",
     and any other `sections` (the optimizer and schedule as built) under their own names."""
-    path.write_text(json.dumps({**cfg.to_dict(), "launch": launch, **sections}, indent=2, sort_keys=True) + "\n")
+    settings = {k: v for k, v in cfg.to_dict().items() if not (cfg.task and k in BUILTIN_TASK_ONLY)}
+    path.write_text(json.dumps({**settings, "launch": launch, **sections}, indent=2, sort_keys=True) + "\n")
+
+
+# Settings only the built-in task (--data/--model) reads: a --task run's config.json leaves them out.
+BUILTIN_TASK_ONLY = frozenset({"data", "download", "samples", "val_samples", "input_shape", "classes", "image_size",
+                               "augment", "model", "hidden", "pretrained", "label_smoothing", "metrics"})

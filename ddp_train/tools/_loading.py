@@ -33,8 +33,8 @@ class Loaded:
 
     @property
     def kind(self) -> str | None:
-        """classification / regression for built-in tasks; None (raw outputs) for the user's own."""
-        return self.task.bundle.kind if isinstance(self.task, BuiltinTask) else None
+        """classification / regression: the built-in task's, or what a Task's eval_step gives."""
+        return self.task.bundle.kind if isinstance(self.task, BuiltinTask) else task_kind(self)
 
     @property
     def classes(self) -> list[str] | None:
@@ -43,6 +43,34 @@ class Loaded:
     @property
     def name(self) -> str:
         return self.cfg.task or self.cfg.data
+
+
+def task_kind(loaded: Loaded) -> str | None:
+    """A Task is a classification when its eval_step on two samples gives integer targets and one
+    row of outputs per target (what the default criterion trains with cross-entropy), a regression
+    when its targets are floats shaped like its outputs; else None (raw outputs)."""
+    from torch.utils.data import default_collate
+
+    from ..batch import move_to
+    from ..data import CLASSIFICATION, REGRESSION
+
+    ds, net = loaded.dataset, loaded.model
+    try:
+        n = min(2, len(ds))
+        batch = ds[slice(0, n)] if hasattr(ds, "x") else default_collate([ds[i] for i in range(n)])
+        device = next(net.parameters()).device
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            out, target = loaded.task.eval_step(net, move_to(batch, device, False))
+        net.train(was_training)
+    except Exception:  # a Task whose batches this cannot build: its raw outputs
+        return None
+    if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    if not target.is_floating_point() and out.dim() == 2 and out.shape[0] == target.numel():
+        return CLASSIFICATION
+    return REGRESSION if target.is_floating_point() and target.numel() == out.numel() else None
 
 
 def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str | None,

@@ -93,25 +93,32 @@ def _tensors(batch: Any) -> list:
     return [t for v in values for t in _tensors(v)]
 
 
-def layer_rows(net: Any, forward: Any) -> list[tuple[str, str, list[int], int, int]]:
-    """(name, type, output shape, new parameters, output elements) per call of each leaf layer.
-    A layer called twice (a shared ReLU) shows its parameters on its first call only."""
+def layer_rows(net: Any, forward: Any) -> list[tuple[str, str, list[int] | None, int, int]]:
+    """(name, type, output shape, new parameters, output elements) per call of each leaf layer and
+    of each layer with parameters of its own (attention's in_proj). A parameter counts once, on
+    its first row (a shared ReLU, tied weights); a layer the forward did not call (fused away, as
+    a transformer layer's fast path in eval mode does) gets a row with no shape. The rows add up
+    to every parameter of the model."""
     import torch
 
     rows: list = []
-    seen: set[int] = set()
+    counted: set[int] = set()
+
+    def new_params(module: Any) -> int:
+        fresh = [p for p in module.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in fresh)
+        return sum(p.numel() for p in fresh)
 
     def hook(name: str):
         def record(module: Any, inputs: Any, output: Any) -> None:
             out = output[0] if isinstance(output, (tuple, list)) else output
             out_shape = list(out.shape) if isinstance(out, torch.Tensor) else []
-            params = 0 if id(module) in seen else sum(p.numel() for p in module.parameters(recurse=False))
-            seen.add(id(module))
-            rows.append((name, type(module).__name__, out_shape, params, _numel(out_shape)))
+            rows.append((name, type(module).__name__, out_shape, new_params(module), _numel(out_shape)))
         return record
 
-    leaves = [(n, m) for n, m in net.named_modules() if n and not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    shown = [(n, m) for n, m in net.named_modules()
+             if n and (not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False)))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in shown]
     try:
         was_training = net.training
         net.eval()
@@ -121,6 +128,10 @@ def layer_rows(net: Any, forward: Any) -> list[tuple[str, str, list[int], int, i
     finally:
         for h in handles:
             h.remove()
+    for name, module in [("", net)] + shown:
+        params = new_params(module)
+        if params:
+            rows.append((name or "(model)", type(module).__name__, None, params, 0))
     return rows
 
 
@@ -129,7 +140,8 @@ def render(rows: list, total: int, trainable: int, input_numel: int, bytes_per: 
     w = max([len("Layer (type)")] + [len(n) for n in names]) + 2
     ruler = "=" * (w + 40)
     lines = [ruler, f"{'Layer (type)':<{w}}{'Output Shape':<26}{'Param #':>14}", ruler]
-    lines += [f"{name:<{w}}{str(shape):<26}{params:>14,}" for name, (_, _, shape, params, _) in zip(names, rows)]
+    lines += [f"{name:<{w}}{'(not called)' if shape is None else str(shape):<26}{params:>14,}"
+              for name, (_, _, shape, params, _) in zip(names, rows)]
     activations = sum(r[4] for r in rows)
     sizes = [("Input size (MB)", input_numel * bytes_per / MB),
              ("Forward/backward pass size (MB)", 2 * activations * bytes_per / MB),

@@ -104,15 +104,17 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     with user_code("--task", cfg.task, "building its optimizer"):
         optimizer = optim.task_optimizer(task, cfg, model)
     optimizer_described = optim.describe_optimizer(optimizer)  # before a schedule or a load changes its lrs
-    if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
-        from . import sharded
-
-        sharded.load(ckpt_path, model, optimizer)
     with user_code("--task", cfg.task, "building its schedule"):
         schedule = optim.task_scheduler(task, cfg, optimizer, optim.StepPlan(per_epoch, total))
     optimization = {"optimizer": optimizer_described, "scheduler": optim.describe_schedule(schedule)}
     if ckpt is not None:
         _check_same_optimization(ckpt, optimization, ckpt_path)
+    if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
+        from . import sharded
+
+        # After the schedule is built, as a plain checkpoint's optimizer state is (in _restore):
+        # a schedule built on loaded rates would take them for its base rates.
+        sharded.load(ckpt_path, model, optimizer)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     val_loader, chunks = eval_loader(splits["val"], cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
                                      env.world_size, cfg.workers, device.type == "cuda")

@@ -50,3 +50,24 @@ def test_norms_with_running_statistics_are_their_own_float32_units():
     assert norms == [model.stem[1], model.layer1[1], model.layer1[4]]
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.BatchNorm1d(2, affine=False))
     assert running_stat_norms(plain) == []  # no running statistics, or no parameters to cast
+
+
+@pytest.mark.parametrize("n_val", [3, 101])  # rank 1 of 2: no chunk at all (3 samples), or one fewer (101)
+def test_lockstep_padding_runs_real_batches(n_val):
+    """Under FSDP a rank with fewer evaluation chunks runs the missing forwards on a real batch,
+    not an empty one, and the results are left out."""
+    from ddp_train.data import eval_loader
+    from ddp_train.evaluation import Evaluator
+    from test_loop import FakeComm
+    from tests.fixtures.tasks import BatchNormTask, Images
+
+    task = BatchNormTask()
+    model = task.model(None).eval()
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    loader, chunks = eval_loader(Images(n_val, 1), 40, 1, 2, 0, False)
+    evaluator = Evaluator(task, loader, chunks, torch.device("cpu"), FakeComm(1), lockstep=True)
+    results = evaluator(model)
+    forwards = -(-chunks.num_chunks // 2)  # as many as rank 0 runs
+    assert len(sizes) == forwards and 0 not in sizes
+    assert results["val_loss"] >= 0 and (n_val == 3) == (results["val_loss"] == 0)  # padding is not counted

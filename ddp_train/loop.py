@@ -183,6 +183,36 @@ class LossWindow:
         return weighted.sum().item(), counts.sum().item(), bad
 
 
+class SyncedLogs:
+    """The Task's `synced_logs` values since the last sync: one all-reduce of [sum, count] per
+    name, the same names on every rank (the Task's class lists them)."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names, self.device = tuple(names), device
+        self.values: dict[str, list[Any]] = {name: [] for name in self.names}
+
+    def add(self, logged: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Keeps the synced names' values; returns the others."""
+        for name, value in logged:
+            if name in self.values:
+                self.values[name].append(value)
+        return [(name, value) for name, value in logged if name not in self.values]
+
+    def sync(self, comm: Comm) -> list[tuple[str, float]]:
+        """Collective (when the Task lists names): each name's mean over every rank and step."""
+        if not self.names:
+            return []
+        vec = torch.zeros(2 * len(self.names), dtype=torch.float64, device=self.device)
+        for i, name in enumerate(self.names):
+            if self.values[name]:
+                vec[2 * i] = sum(torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                                 for v in self.values[name])
+                vec[2 * i + 1] = len(self.values[name])
+            self.values[name] = []
+        sums = comm.all_reduce_sum(vec).tolist()
+        return [(name, sums[2 * i] / sums[2 * i + 1]) for i, name in enumerate(self.names) if sums[2 * i + 1]]
+
+
 @dataclass
 class Loop:
     """What `train` works with; each part has one owner (assembled in train.run)."""
@@ -219,6 +249,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
     per_epoch, total = plan(cfg, batches)
     epochs = cfg.epochs if per_epoch is not None and total == cfg.epochs * per_epoch else None  # None: steps decide
     window = LossWindow(comm, trainer.device, cfg.skip_nonfinite)
+    own = SyncedLogs(trainer.task.synced_logs, trainer.device)
     world_size = comm.env.world_size
     seen = st.step * cfg.batch_size * cfg.grad_accum * world_size
     t0 = t_log = time.perf_counter()
@@ -259,7 +290,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             st.step += 1
             comm.at_step(st.step)
             st.batch_in_epoch += len(micro)
-            logged = drain_logged(trainer.task)
+            logged = own.add(drain_logged(trainer.task))
             if logged and comm.env.is_main:  # other ranks' values are dropped: no collective
                 run.report.task_logged(st.step, logged)
             _count_skips(run, applied)
@@ -269,6 +300,9 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                 first_step = False
             if st.step % cfg.log_every == 0:
                 sync_loss()
+                means = own.sync(comm)
+                if means and comm.env.is_main:
+                    run.report.task_logged(st.step, means)
                 now = time.perf_counter()
                 rate = (seen - seen_log) / max(now - t_log, 1e-9)
                 run.report.train(st.step, st.epoch + 1, total, epochs, seen, _last_mean(st), trainer.lr, rate,

@@ -98,14 +98,19 @@ class Task:
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
         return None
 
+    # Names of `log` values to average over every rank (and over the steps since the last
+    # --log-every step): one all-reduce per --log-every steps, written at that step.
+    synced_logs: tuple[str, ...] = ()
+
     def log(self, name: str, value: float | torch.Tensor) -> None:
         """Record a value of your own at this training step; call it from `loss` (e.g. an auxiliary
         loss, a gate's load). Rank 0's values are written every --log-every steps, at the step they
         were logged: to metrics.jsonl (`{"event": "task", "step": S, name: value}`), and as
         `task/<name>` to TensorBoard and wandb. No collective: other ranks' values are dropped, and a
         tensor is read only when written, so logging adds no host sync per step. The last value of
-        a name in a step counts. For a value over every rank, make it a metric (`metrics()`),
-        which evaluation computes exactly over all ranks."""
+        a name in a step counts. A name listed in the class's `synced_logs` is asked to be synced
+        instead: its mean over every rank and the steps since the last --log-every step is written
+        at that step (one all-reduce per --log-every steps)."""
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                 or isinstance(value, torch.Tensor) and value.numel() == 1):
             raise TypeError(f"{type(self).__name__}.log({name!r}, ...) takes a number or a one-element tensor, "

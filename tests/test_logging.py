@@ -103,3 +103,27 @@ def test_a_task_logs_numbers_or_one_element_tensors():
     with pytest.raises(TypeError, match=r"DictTask.log\('c', ...\) takes a number or a one-element tensor, got "
                                         r"Tensor"):
         task.log("c", torch.ones(3))
+
+
+class SyncedLogs(DictTask):
+    synced_logs = ("twice_loss",)
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        self.log("twice_loss", 2 * loss)
+        self.log("own", 1.0)
+        return loss
+
+
+def test_a_synced_value_is_the_mean_over_ranks_and_steps_at_each_log_step(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(SyncedLogs(), max_steps=6, batch_size=16, log_every=2, run_dir=str(run_dir), progress=False)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {e["step"]: e["loss"] for e in events if e["event"] == "train"}
+    synced = {e["step"]: e["twice_loss"] for e in events if e["event"] == "task" and "twice_loss" in e}
+    assert sorted(synced) == sorted(train) == [2, 4, 6]
+    # train's loss is the mean since the run's start (no evaluation yet), the synced value the mean of
+    # the two steps since the last log step: full batches, so step means are sample means
+    window = {s: (s * train[s] - (s - 2) * train.get(s - 2, 0)) / 2 for s in train}
+    assert all(synced[s] == pytest.approx(2 * window[s], rel=1e-5) for s in synced), (synced, window)
+    assert [e["step"] for e in events if e["event"] == "task" and "own" in e] == [1, 2, 3, 4, 5, 6]

@@ -50,9 +50,9 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
 
     options = check_types(options, "fit()")
     if cfg is None:
-        cfg = build_config(options, config)
+        cfg = build_config(options, config, own_task=task is not None)
     elif options or config:
-        cfg = build_config({**cfg.to_dict(), **options}, config)
+        cfg = build_config({**cfg.to_dict(), **options}, config, own_task=task is not None)
     if isinstance(task, type) and issubclass(task, Task):
         raise TypeError(f"fit() takes an instance of your Task, not the class: fit({task.__name__}()), "
                         f"not fit({task.__name__})")

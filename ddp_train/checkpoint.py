@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import shutil
+import struct
 import threading
 import time
 import zipfile
@@ -17,7 +18,9 @@ from typing import Any, Callable
 import torch
 from torch.torch_version import TorchVersion
 
-from .errors import UsageError
+from .errors import UsageError, WriteFailure, pickle_refusal
+from .integrity import ALGORITHM, Crc32Writer, check_plain
+from .safeio import failure
 
 log = logging.getLogger("ddp_train")
 FORMAT_VERSION = 1
@@ -75,14 +78,38 @@ def _tmp_name(path: Path) -> Path:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Temp file in the same folder, flush + fsync, os.replace, fsync the folder."""
+    """Temp file in the same folder, flush + fsync, os.replace, fsync the folder. The file is
+    sealed with its checksum (see integrity.py). A failed write removes the temp file, leaves any
+    old `path` as it was and raises WriteFailure."""
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            sealed = Crc32Writer(f)
+            try:
+                torch.save(obj, sealed)
+            except RuntimeError:
+                if sealed.error is None:
+                    raise
+                raise sealed.error from None
+            sealed.seal()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise failure("writing checkpoint", path, e, nbytes(obj)) from None
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of a checkpoint dict's tensors: about what writing it needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
 
 
 def atomic_link(src: Path, dst: Path) -> None:
@@ -90,33 +117,44 @@ def atomic_link(src: Path, dst: Path) -> None:
     tmp = _tmp_name(dst)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise failure("writing checkpoint", dst, e, src.stat().st_size) from None
 
 
-def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoints/step-*.pt) or start over "
-                                       "with --resume never") -> dict[str, Any]:
-    """Load a file with weights_only=True; every failure is one UsageError naming the fix."""
+def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoints/step-*.pt) or start a new "
+                                       "run with another --run-dir") -> dict[str, Any]:
+    """Load a file with weights_only=True after checking its checksum (where it has one); every
+    failure is one UsageError naming the fix."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; check the path (checkpoints live in "
                          "RUN_DIR/checkpoints/)")
     try:
+        status = check_plain(path)
+        if status not in (None, "ok"):
+            raise UsageError(f"checkpoint {path} is corrupt ({status}); {fix}")
         # Early checkpoints stored torch.__version__ as a TorchVersion (a str subclass): allow just that.
         with torch.serialization.safe_globals([TorchVersion]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if status is None and isinstance(loaded, dict) and "checksum" in loaded:
+            raise UsageError(f"checkpoint {path} is corrupt (its checksum trailer is missing); {fix}")
+        return loaded
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
-            raise UsageError(f"{path} holds pickled Python objects, which weights_only loading refuses "
-                             "because unpickling can run arbitrary code; re-save plain tensors, e.g. "
-                             "torch.save(model.state_dict(), path)") from None
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise pickle_refusal(path, f"global {found.group(1) if found else '?'}") from None
         raise UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); {fix}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); {fix}") from None
 
@@ -127,9 +165,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if Path(path).is_dir():
         from . import sharded
 
-        if not sharded.is_complete(path):
-            raise UsageError(f"{path} is not a complete sharded checkpoint (a save was interrupted); resume from "
-                             "another one (checkpoints/step-*) or start over with --resume never")
+        sharded.verify(path, "resume from another one (checkpoints/step-*) or start a new run with another "
+                             "--run-dir")
         return sharded.read_extra(path)
     ckpt = load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "version" not in ckpt:
@@ -148,8 +185,7 @@ def read(path: str | Path, fix: str = "use another checkpoint") -> tuple[dict[st
     if Path(path).is_dir():
         from . import sharded
 
-        if not sharded.is_complete(path):
-            raise UsageError(f"{path} is not a complete sharded checkpoint (a save was interrupted); {fix}")
+        sharded.verify(path, fix)
         return sharded.export(path), sharded.read_extra(path)
     raw = load(path, fix)
     if isinstance(raw, dict) and "version" in raw and "model" in raw:
@@ -180,6 +216,7 @@ class Checkpointer:
         self.sharded_with = sharded_with  # (model, optimizer) for sharded checkpoints
         self.interval = interval
         self.last: tuple[Path, int] | None = None  # (path, step) of the newest checkpoint (rank 0's word)
+        self.complete: tuple[Path, int] | None = None  # rank 0: the newest one known to be on disk
         self._writer: _Write | None = None
         self._written_at: float | None = None  # rank 0: when the newest write started
         self._best: dict[str, Any] | None = None  # rank 0: the best evaluation's snapshot, not on disk yet
@@ -196,15 +233,21 @@ class Checkpointer:
 
             model, optimizer = self.sharded_with
             extra = self.state(rngs, False) if main else {}
-            last = sharded.write(self.ckpt_dir, model, optimizer, extra, is_main=main, barrier=self.comm.barrier,
-                                 best=best, step_dir=step_file, keep=self.keep)
-            self.last = (last, self.step())
+            try:
+                last = sharded.write(self.ckpt_dir, model, optimizer, extra, is_main=main,
+                                     barrier=self.comm.barrier, best=best, step_dir=step_file, keep=self.keep,
+                                     gather=self.comm.gather_object)
+            except WriteFailure as e:
+                e.last_checkpoint = self.describe_complete()
+                raise
+            self.last = self.complete = (last, self.step())
             return last
         if main:
             now = time.monotonic()
             due = durable or step_file or self._written_at is None or now - self._written_at >= self.interval
             if due or best:
                 state = {k: v if k in UNCHANGING else _snapshot(v) for k, v in self.state(rngs, True).items()}
+                state["checksum"] = ALGORITHM  # the file must carry one: see integrity.py
                 if due:
                     self._write(state, best, step_file, now)
                     self.last = (last, state["step"])
@@ -226,15 +269,28 @@ class Checkpointer:
         def work() -> None:
             if older_best is not None:
                 atomic_save(older_best, self.ckpt_dir / "best.pt")
-            write(state, self.ckpt_dir, best=best, step_file=step_file, keep=self.keep)
+            write(state, self.ckpt_dir, best=best, step_file=step_file, keep=self.keep,
+                  written=lambda path: setattr(self, "complete", (path, state["step"])))
 
         self._writer = _Write(work)
 
     def flush(self) -> None:
         """Not a collective: wait for rank 0's write in flight, if any; its error is raised here."""
         writer, self._writer = self._writer, None
-        if writer is not None:
+        if writer is None:
+            return
+        try:
             writer.result()
+        except WriteFailure as e:
+            self.last = self.complete
+            e.last_checkpoint = self.describe_complete()
+            raise
+
+    def describe_complete(self) -> str:
+        """Rank 0, not waiting for a write in flight: the newest checkpoint known to be complete."""
+        if self.complete is None:
+            return "no checkpoint was written before it"
+        return f"the last complete checkpoint is {self.complete[0]} (step {self.complete[1]})"
 
     def close(self) -> None:
         """Not a collective, for a run that ends on an error: write a better evaluation that is not
@@ -246,10 +302,11 @@ class Checkpointer:
         self.flush()
 
     def describe_last(self) -> str:
+        failed = self.last[1] if self.last else 0
         try:
             self.flush()
-        except OSError as e:
-            return f"writing the checkpoint of step {self.last[1] if self.last else 0} failed ({e})"
+        except WriteFailure as e:
+            return f"writing the checkpoint of step {failed} failed ({e.error.strerror or e.error}); {e.last_checkpoint}"
         if self.last is None:
             return "no checkpoint was written before it"
         return f"the last good checkpoint is {self.last[0]} (step {self.last[1]})"
@@ -325,8 +382,9 @@ def candidates(ckpt_dir: Path) -> list[Path]:
 
 
 def find_latest(ckpt_dir: Path) -> Path | None:
-    """The valid checkpoint with the most steps; unreadable files are reported and skipped. If
-    there are checkpoints but none is readable, that is an error: starting over would bury them."""
+    """The valid checkpoint with the most steps; unreadable or corrupt files are skipped with a
+    warning naming the one used instead. If there are checkpoints but none is readable, that is an
+    error: starting over would bury them."""
     best: tuple[int, Path] | None = None
     errors = []
     for path in candidates(ckpt_dir):
@@ -339,9 +397,9 @@ def find_latest(ckpt_dir: Path) -> Path | None:
             best = (step, path)
     if best is None and errors:
         raise UsageError(f"no readable checkpoint in {ckpt_dir} ({errors[0]}); resume from a good copy with "
-                         "--resume PATH, or start over with --resume never --overwrite")
+                         "--resume PATH, or start a new run with another --run-dir")
     for error in errors:
-        log.warning("skipping %s", error)
+        log.warning("skipping %s; resuming from %s (step %d) instead", error, best[1], best[0])
     return best[1] if best else None
 
 
@@ -359,10 +417,13 @@ def clean_temp_files(ckpt_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write(ckpt: dict[str, Any], ckpt_dir: Path, *, best: bool, step_file: bool, keep: int) -> Path:
-    """Rank 0 only: last.pt, plus best.pt and step-N.pt as links to the same complete file."""
+def write(ckpt: dict[str, Any], ckpt_dir: Path, *, best: bool, step_file: bool, keep: int,
+          written: Callable[[Path], None] = lambda path: None) -> Path:
+    """Rank 0 only: last.pt, plus best.pt and step-N.pt as links to the same complete file.
+    `written(last)` is called once last.pt is complete."""
     last = ckpt_dir / "last.pt"
     atomic_save(ckpt, last)
+    written(last)
     if step_file:
         atomic_link(last, ckpt_dir / f"step-{ckpt['step']:08d}.pt")
         purge_steps(ckpt_dir, keep)

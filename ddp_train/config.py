@@ -11,6 +11,7 @@ from pathlib import Path, PurePath
 from typing import Any, Optional
 
 from .errors import UsageError
+from .safeio import refuse_link, replace_text
 
 
 def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str, ...] = (),
@@ -316,23 +317,41 @@ def task_identity(spec: str) -> str:
     return f"{module}.{name}"
 
 
-def build_config(cli_values: dict[str, Any], config_file: str | None = None) -> FitConfig:
+def build_config(cli_values: dict[str, Any], config_file: str | None = None, *, own_task: bool = False) -> FitConfig:
     """Defaults < the run directory's saved settings (when continuing it) < TOML file < flags
-    (flags given as None were not set). So `fit --run-dir runs/x` alone continues runs/x as it was."""
+    (flags given as None were not set). So `fit --run-dir runs/x` alone continues runs/x as it was.
+    Code the saved settings name (--task, --data or --model package.module:function) is taken
+    only when the caller names it too (or brings its own Task: `own_task`)."""
     given = load_toml(config_file) if config_file else {}
     given.update({k: v for k, v in cli_values.items() if v is not None})
-    return FitConfig(**{**saved_settings(given.get("run_dir"), given.get("resume", "auto")), **given})
+    saved = saved_settings(given.get("run_dir"), given.get("resume", "auto"))
+    unnamed = [] if own_task else [(k, spec) for k, spec in named_code(saved) if k not in given]
+    if unnamed:
+        path = Path(given["run_dir"]) / "config.json"
+        options = " ".join(f"{option_name(k)} {spec}" for k, spec in unnamed)
+        raise UsageError(f"{path} names code to run ({options}); a run directory's code runs only when you "
+                         f"name it: after reading that code, repeat {options}")
+    return FitConfig(**{**saved, **given})
+
+
+def named_code(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """The user code that settings name: a Task class, a data or model function (`module:name`)."""
+    code = [("task", values["task"])] if values.get("task") else []
+    return code + [(k, values[k]) for k in ("data", "model") if isinstance(values.get(k), str) and ":" in values[k]]
 
 
 def saved_settings(run_dir: str | None, resume: str) -> dict[str, Any]:
     path = Path(run_dir) / "config.json" if run_dir else None
     if path is None or resume == "never" or not path.is_file():
         return {}
+    refuse_link(path)
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is unreadable ({e}); restore it, or pass every option again with "
-                         "--resume never --overwrite") from None
+        raise UsageError(f"{path} is unreadable ({e}); restore it, or delete it and pass the run's options "
+                         "again (the checkpoints are kept, and resuming checks the options against them)") from None
     return check_types({k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION}, str(path))
 
 
@@ -343,9 +362,10 @@ def config_from_dict(values: dict[str, Any]) -> FitConfig:
 
 def dump_json(cfg: FitConfig, launch: dict[str, Any], path: Path, **sections: Any) -> None:
     """The settings at the top level (what `fit --run-dir` reads back), how it ran under "launch",
-    and any other `sections` (the optimizer and schedule as built) under their own names."""
+    and any other `sections` (the optimizer and schedule as built) under their own names. Written
+    as a new file (a symbolic link at `path` is replaced, never followed)."""
     settings = {k: v for k, v in cfg.to_dict().items() if not (cfg.task and k in BUILTIN_TASK_ONLY)}
-    path.write_text(json.dumps({**settings, "launch": launch, **sections}, indent=2, sort_keys=True) + "\n")
+    replace_text(path, json.dumps({**settings, "launch": launch, **sections}, indent=2, sort_keys=True) + "\n")
 
 
 # Settings only the built-in task (--data/--model) reads: a --task run's config.json leaves them out.

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .distenv import DistEnv, is_loopback
-from .errors import AgreedError, PeerFailure
+from .errors import AgreedError, PeerFailure, WriteFailure
 from .stopvote import StopVote
 from .watchdog import ABORT_KEY, Watchdog
 
@@ -184,7 +184,8 @@ def distributed(env: DistEnv, timeout_s: float, hang_s: float = 60.0) -> Iterato
     except BaseException as e:
         watchdog.stop()
         if not isinstance(e, (PeerFailure, AgreedError, SystemExit, KeyboardInterrupt)):
-            comm.announce_failure(f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            said = str(e) if isinstance(e, WriteFailure) else f"{type(e).__name__}: {e}"
+            comm.announce_failure(said.splitlines()[0][:500])
         raise
     comm.barrier()
     # The watchdog must be gone before the groups are: if its thread dropped the last reference to

@@ -66,3 +66,39 @@ class Interrupted(Stopped):
     """Ctrl-C (SIGINT): exit code 130."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def pickle_refusal(path: object, what: str) -> UsageError:
+    """The one refusal for a file whose pickled parts name code (see docs/security.md)."""
+    return UsageError(f"{path} holds pickled Python objects ({what}), which ddp_train's weights_only loading "
+                      "refuses because unpickling can run arbitrary code; use a checkpoint written by ddp_train, or "
+                      "re-save plain tensors: torch.save(model.state_dict(), path)")
+
+
+class WriteFailure(RankError):
+    """A write failed (disk full, quota, I/O error, a read-only file system): one line on the rank
+    that saw it (the others stop through the watchdog), exit code 1. Its temp files are removed and
+    the previous checkpoint is untouched; `last_checkpoint` names that checkpoint once known."""
+
+    def __init__(self, what: str, path: object, error: OSError, needed: int | None, free: int | None):
+        super().__init__(what)
+        self.what, self.path, self.error, self.needed, self.free = what, path, error, needed, free
+        self.last_checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        reason = self.error.strerror or str(self.error) or type(self.error).__name__
+        space = [f"needs {_size(self.needed)}" if self.needed is not None else "",
+                 f"{_size(self.free)} free there" if self.free is not None else ""]
+        figures = ", ".join(s for s in space if s)
+        last = f"; {self.last_checkpoint}" if self.last_checkpoint else ""
+        return (f"{self.what} {self.path} failed: {reason}{f' ({figures})' if figures else ''}{last}; free space "
+                "(or fix the file system) and run the same command again to continue from it")
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import repair
+from .safeio import open_append, refuse_link, replace_text, writing
+
 log = logging.getLogger("ddp_train")
 
 
@@ -101,41 +104,50 @@ class NullProgress(Progress):
 
 
 class RunFiles:
-    """history.csv (one row per epoch) and metrics.jsonl (one line per event), on rank 0."""
+    """history.csv (one row per epoch) and metrics.jsonl (one line per event), on rank 0. Never
+    written through a symbolic link; a failed write is a WriteFailure naming the file."""
 
     def __init__(self, run_dir: Path):
         self.history = run_dir / "history.csv"
         self.metrics = run_dir / "metrics.jsonl"
-        self._jsonl = self.metrics.open("a", buffering=1)
+        refuse_link(self.history)
+        self._jsonl = open_append(self.metrics)
         self._rows: Any = None  # history.csv, opened at its first row and kept open (line-buffered)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows written after the checkpoint (they will be written again)."""
+        """On resume, rebuild both files to `step` from their intact lines (rows written after the
+        checkpoint will be written again; a torn or unreadable line is dropped, never a good one)."""
         if self.history.exists():
-            with self.history.open() as f:
-                rows = list(csv.DictReader(f))
-            if rows:
-                with self.history.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(r for r in rows if int(r["step"]) <= step)
+            text, dropped = repair.history(self.history.read_text(errors="replace"), step)
+            if text is None:
+                aside = self.history.with_name(f"history.csv.unreadable-{int(time.time())}")
+                self.history.rename(aside)
+                log.warning("%s has no readable header; kept aside as %s, a new one starts", self.history, aside)
+            else:
+                replace_text(self.history, text)
+            if dropped:
+                log.warning("%s: dropped %d torn or unreadable row(s), kept the rest", self.history, dropped)
         if self.metrics.exists():
-            lines = self.metrics.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            text, dropped = repair.metrics(self.metrics.read_text(errors="replace"), step)
             self._jsonl.close()
-            self.metrics.write_text("".join(ln + "\n" for ln in kept))
-            self._jsonl = self.metrics.open("a", buffering=1)
+            replace_text(self.metrics, text)
+            self._jsonl = open_append(self.metrics)
+            if dropped:
+                log.warning("%s: dropped %d torn or unreadable line(s), kept the rest", self.metrics, dropped)
 
     def event(self, event: str, **fields: Any) -> None:
-        self._jsonl.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        line = json.dumps({"event": event, "time": time.time(), **fields}) + "\n"
+        with writing(self.metrics, len(line)):
+            self._jsonl.write(line)
 
     def history_row(self, row: dict[str, Any]) -> None:
         if self._rows is None:
-            self._rows = self.history.open("a", newline="", buffering=1)
+            self._rows = open_append(self.history)
         writer = csv.DictWriter(self._rows, fieldnames=list(row), extrasaction="ignore")
-        if self._rows.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
+        with writing(self.history, 256):
+            if self._rows.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
 
     def close(self) -> None:
         self._jsonl.close()

@@ -6,7 +6,8 @@ Layout of a checkpoint directory `ckpt_dir/NAME` (NAME = last, best, step-000012
     __0_0.distcp, __1_0.distcp, ...  each rank's shards (DCP FileSystemWriter)
     .metadata                        DCP's index of the shards (written by rank 0 inside dcp.save)
     extra.pt                         rank 0's plain dict (step, epoch, rng, config...), weights_only
-    COMPLETE                         JSON {file: size} of all the above, fsynced, written last
+    COMPLETE                         JSON {file: {"size": bytes, "crc32": checksum}} of all the
+                                     above, fsynced, written last (before checksums: {file: size})
 
 The directory is written under a temporary name and put in place by rename once COMPLETE is
 written, so a process killed while saving leaves the previous checkpoint under NAME. Step and best
@@ -31,15 +32,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from .checkpoint import fsync_dir
+from .checkpoint import fsync_dir, nbytes
+from .checkpoint import load as load_plain
 from .errors import UsageError
 from .fsdp import bare_key
+from .integrity import ALGORITHM, check_file, crc32_of
+from .safe_dcp import SafeEmptyPlanner, SafeLoadPlanner, SafeReader, read_metadata, refusals
+from .safeio import failure
 
 log = logging.getLogger("ddp_train")
 MARKER = "COMPLETE"
@@ -122,20 +127,51 @@ def _recover(ckpt_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _manifest(folder: Path) -> dict[str, int]:
+def _sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def _listed(path: Path) -> dict[str, dict[str, int]] | None:
+    """The COMPLETE marker's {file: {"size": ..., "crc32": ...}} (older markers: sizes only), or None."""
+    try:
+        listed = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(listed, dict) or ".metadata" not in listed or EXTRA not in listed:
+        return None
+    out = {}
+    for name, entry in listed.items():
+        entry = {"size": entry} if isinstance(entry, int) else entry
+        if not (isinstance(entry, dict) and all(isinstance(v, int) for v in entry.values())):
+            return None
+        out[name] = entry
+    return out
 
 
 def is_complete(path: str | Path) -> bool:
     """True if `path` is a checkpoint directory whose COMPLETE marker exists and lists exactly the
     files present, with their sizes (a directory killed mid-write, or a copy missing or truncating
-    a file, is not complete)."""
+    a file, is not complete). Cheap: `verify` also checks the contents."""
     path = Path(path)
+    listed = _listed(path)
     try:
-        listed = json.loads((path / MARKER).read_text())
-        return isinstance(listed, dict) and ".metadata" in listed and EXTRA in listed and listed == _manifest(path)
-    except (OSError, ValueError):
+        return listed is not None and {k: v["size"] for k, v in listed.items()} == _sizes(path)
+    except (OSError, KeyError):
         return False
+
+
+def verify(path: str | Path, fix: str) -> None:
+    """Before a sharded checkpoint is used: complete, every file's checksum as recorded, and DCP's
+    metadata safe to read (a UsageError naming `fix` otherwise)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker listing its "
+                         f"files: a save was interrupted, or a file is missing or truncated); {fix}")
+    for name, entry in sorted(_listed(path).items()):
+        problem = check_file(path / name, entry)
+        if problem:
+            raise UsageError(f"sharded checkpoint {path} is corrupt ({problem}); {fix}")
+    read_metadata(path)
 
 
 def _check_plain(value: Any, where: str = "extra") -> None:
@@ -175,35 +211,63 @@ def _before_commit() -> None:
     """Test seam: called on rank 0 after all shards and extra.pt are written, before COMPLETE."""
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write (DCP wraps each rank's in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, CheckpointException):
+        for exc, _ in e.failures.values():
+            found = _os_error(exc)
+            if found is not None:
+                return found
+    cause = e.__cause__ or e.__context__
+    return _os_error(cause) if cause is not None else None
+
+
 def save(ckpt_dir: str | Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None]) -> Path:
+         extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None],
+         gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]) -> Path:
     """Collective (all ranks): write `ckpt_dir/name` as a sharded checkpoint and return its path.
 
-    Each rank writes its own shards into `ckpt_dir/.name.tmp` (cleared first); rank 0 adds
-    `extra` (only its own copy is kept) and, once every rank is done, the COMPLETE marker, then
-    puts the directory in place of any old `name`. Returns when the new checkpoint is in place."""
+    Each rank writes its own shards into `ckpt_dir/.name.tmp` (cleared first) and checksums them
+    (`gather` brings every rank's checksums to rank 0); rank 0 adds `extra` (only its own copy is
+    kept) and, once every rank is done, the COMPLETE marker, then puts the directory in place of
+    any old `name`. Returns when the new checkpoint is in place. A failed write raises
+    WriteFailure; the temporary directory is removed and the old `name` is untouched."""
     ckpt_dir = Path(ckpt_dir)
     final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     _check_plain(extra)
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _recover(ckpt_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    with _single_process_ok():
-        dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(tmp, single_file_per_rank=True,
-                                                                          sync_files=True),
-                 no_dist=not dist.is_initialized())
-    if is_main:
-        _write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
-    barrier()  # every rank's shards are on disk (dcp.save's last collective already implies it)
-    if is_main:
-        _before_commit()
-        manifest = json.dumps(_manifest(tmp), indent=0)
-        _write_synced(tmp / MARKER, lambda f: f.write(manifest.encode()))
-        fsync_dir(tmp)
-        _put_in_place(tmp, final)
+    state = _state(model, optimizer)
+    try:
+        if is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _recover(ckpt_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        with _single_process_ok():
+            dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True),
+                     no_dist=not dist.is_initialized())
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        sums = gather({p.name: crc32_of(p) for p in tmp.glob(f"__{rank}_*.distcp")})
+        if is_main:
+            _write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
+        barrier()  # every rank's shards are on disk (dcp.save's last collective already implies it)
+        if is_main:
+            _before_commit()
+            crcs = {k: v for rank_sums in sums or [] for k, v in rank_sums.items()}
+            manifest = {n: {"size": size, ALGORITHM: crcs[n] if n in crcs else crc32_of(tmp / n)}
+                        for n, size in _sizes(tmp).items()}
+            _write_synced(tmp / MARKER, lambda f: f.write(json.dumps(manifest, indent=0).encode()))
+            fsync_dir(tmp)
+            _put_in_place(tmp, final)
+    except (OSError, CheckpointException) as e:
+        error = _os_error(e)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise
+        raise failure("writing sharded checkpoint", final, error, nbytes(state)) from None
     barrier()
     return final
 
@@ -214,12 +278,11 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     model must be sharded (or bare) and the optimizer created exactly as when training. Also works
     in one process without a process group, into a bare model."""
     path = Path(path)
-    if not is_complete(path):
-        raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker: a save was "
-                         "interrupted); resume from another one (checkpoints/step-*) or start over")
+    verify(path, "resume from another one (checkpoints/step-*) or start a new run with another --run-dir")
     state = _state(model, optimizer)
-    with _single_process_ok():
-        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not dist.is_initialized())
+    with _single_process_ok(), refusals(path):
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
+                 no_dist=not dist.is_initialized())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -228,8 +291,8 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
 
 
 def read_extra(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's extra dict (step, epoch...), without a process group."""
-    return torch.load(Path(path) / EXTRA, map_location="cpu", weights_only=True)
+    """The checkpoint's extra dict (step, epoch...), without a process group (weights_only)."""
+    return load_plain(Path(path) / EXTRA)
 
 
 def export(path: str | Path) -> dict[str, torch.Tensor]:
@@ -237,16 +300,15 @@ def export(path: str | Path) -> dict[str, torch.Tensor]:
     state_dict()) from a sharded checkpoint, in this process alone: no process group needed, none
     used if there is one. Loads only the model's tensors, not the optimizer's."""
     path = Path(path)
-    if not is_complete(path):
-        raise UsageError(f"{path} is not a complete sharded checkpoint")
+    verify(path, "use another checkpoint")
     state: dict[str, Any] = {}
     # dcp.load itself fills only the keys the given dict already has; the planner that rebuilds
     # the dict from the checkpoint's metadata needs the lower-level entry point (as in
     # torch.distributed.checkpoint.format_utils.dcp_to_torch_save, which would also read the
     # optimizer state).
-    with _single_process_ok():
-        _load_state_dict(state, storage_reader=FileSystemReader(path),
-                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    with _single_process_ok(), refusals(path):
+        _load_state_dict(state, storage_reader=SafeReader(path), planner=SafeEmptyPlanner(keys={"model"}),
+                         no_dist=True)
     return {bare_key(k): v for k, v in state["model"].items()}
 
 
@@ -259,17 +321,21 @@ def link_copy(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     files = sorted(p for p in src.iterdir() if p.is_file())
-    for f in [p for p in files if p.name != MARKER] + [p for p in files if p.name == MARKER]:
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copyfile(f, tmp / f.name)
-            with open(tmp / f.name, "rb+") as fd:
-                os.fsync(fd.fileno())
-    fsync_dir(tmp)
-    _put_in_place(tmp, dst)
+    try:
+        tmp.mkdir()
+        for f in [p for p in files if p.name != MARKER] + [p for p in files if p.name == MARKER]:
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copyfile(f, tmp / f.name)
+                with open(tmp / f.name, "rb+") as fd:
+                    os.fsync(fd.fileno())
+        fsync_dir(tmp)
+        _put_in_place(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failure("writing sharded checkpoint", dst, e, sum(f.stat().st_size for f in files)) from None
     return dst
 
 
@@ -287,16 +353,28 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
 
 
 def find_latest(ckpt_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the most steps (extra["step"]); None if there is none."""
+    """The complete, intact checkpoint with the most steps (extra["step"]); None if there is none.
+    A corrupt one is skipped with a warning naming the one used instead."""
     best: tuple[int, Path] | None = None
+    skipped = []
     for path in candidates(ckpt_dir):
         try:
+            verify(path, "skipped")
             step = int(read_extra(path)["step"])
+        except UsageError as e:
+            skipped.append(str(e))
+            continue
         except Exception as e:  # an unreadable extra.pt: skip this one, say why
-            log.warning("skipping sharded checkpoint %s (%s)", path, e)
+            skipped.append(f"sharded checkpoint {path} is unreadable ({e})")
             continue
         if best is None or step > best[0]:
             best = (step, path)
+    if best is None and skipped:
+        raise UsageError(f"no readable checkpoint in {ckpt_dir} ({skipped[0]}); resume from a good copy with "
+                         "--resume PATH, or start a new run with another --run-dir")
+    for problem in skipped:
+        log.warning("%s; resuming from %s instead", problem,
+                    f"{best[1]} (step {best[0]})" if best else "nothing (a new run)")
     return best[1] if best else None
 
 
@@ -311,11 +389,11 @@ def purge_steps(ckpt_dir: str | Path, keep: int) -> None:
 
 def write(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
           extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None], best: bool = False,
-          step_dir: bool = False, keep: int = 3) -> Path:
+          step_dir: bool = False, keep: int = 3, gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]) -> Path:
     """Collective: `last`, plus `best` and `step-NNNNNNNN` (extra["step"]) as hard-linked copies,
     keeping the newest `keep` step directories (the sharded counterpart of checkpoint.write)."""
     ckpt_dir = Path(ckpt_dir)
-    last = save(ckpt_dir, "last", model, optimizer, extra, is_main=is_main, barrier=barrier)
+    last = save(ckpt_dir, "last", model, optimizer, extra, is_main=is_main, barrier=barrier, gather=gather)
     if is_main:
         if step_dir:
             link_copy(last, ckpt_dir / f"step-{int(extra['step']):08d}")

@@ -26,7 +26,7 @@ from .config import RESUMABLE_CHANGES, FitConfig, dump_json, option_name, run_id
 from .data import TensorData, check_sizes, default_workers, eval_loader, rank0_first, train_loader
 from .dist import Comm
 from .distenv import DistEnv
-from .errors import UsageError
+from .errors import UsageError, WriteFailure
 from .evaluation import Evaluator
 from .log import NullFiles, NullProgress, Progress, Reporter, RunFiles, Tracker, log, make_tracker
 from .loop import Loop, Trainer, TrainState, plan, train
@@ -126,9 +126,14 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     main = env.is_main
     extra = {"world_size": env.world_size, "launcher": env.launcher, "backend": env.backend,
              "device": env.device, "strategy": strategy, "run_dir": str(run_dir)}
-    files = RunFiles(run_dir) if main else NullFiles()
-    if main:
-        dump_json(settings, extra, run_dir / "config.json", optimization=optimization)
+    try:
+        files = RunFiles(run_dir) if main else NullFiles()
+        if main:
+            dump_json(settings, extra, run_dir / "config.json", optimization=optimization)
+    except WriteFailure as e:
+        e.last_checkpoint = (f"the last complete checkpoint is {ckpt_path} (step {ckpt['step']})" if ckpt
+                             else "no checkpoint was written before it")
+        raise
     trackers: list[Tracker] = []
     if main and cfg.wandb:
         trackers.append(make_tracker(cfg.wandb_project, cfg.wandb_name or run_dir.name, run_dir,
@@ -160,8 +165,12 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     if ckpt is not None:
         _restore(trainer, state, policy, ckpt, per_rank_samples=cfg.batch_size * env.world_size,
                  optimizer_too=not sharded_run)
-        saver.last = (Path(ckpt_path), state.step)
-        files.truncate_after(state.step)
+        saver.last = saver.complete = (Path(ckpt_path), state.step)
+        try:
+            files.truncate_after(state.step)
+        except WriteFailure as e:
+            e.last_checkpoint = saver.describe_complete()
+            raise
         checkpoint.set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])  # another world size: by rank
         stopped = state.status == "early_stop" and cfg.patience and policy.bad_evals >= cfg.patience
         if not (stopped or state.step >= total or state.epoch >= cfg.epochs):
@@ -179,6 +188,9 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     try:
         outcome, last_row = train(loop, lambda: _requeue(cfg, env))
         code = {"preempted": 3, "interrupted": 130}.get(outcome, 0)
+    except WriteFailure as e:  # history.csv or metrics.jsonl (a checkpoint's names its own)
+        e.last_checkpoint = e.last_checkpoint or saver.describe_complete()
+        raise
     finally:
         try:
             saver.close()  # a failed run keeps its best evaluation too

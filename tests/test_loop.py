@@ -12,6 +12,7 @@ from ddp_train.config import FitConfig
 from ddp_train.data import TensorData, eval_loader
 from ddp_train.dist import Comm
 from ddp_train.distenv import DistEnv
+from ddp_train.errors import WriteFailure
 from ddp_train.evaluation import Evaluator
 from ddp_train.loop import LossWindow, Trainer
 from ddp_train.policy import Policy
@@ -197,5 +198,5 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
     saver.save()  # returns at once; the write fails in the background
     assert "writing the checkpoint of step 1 failed" in saver.describe_last()
     saver.save()
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailure, match="no checkpoint was written before it"):
         saver.save()

@@ -67,7 +67,8 @@ def test_task_from_the_command_line_with_task_args(tmp_path):
     assert changed.returncode == 2
     assert "cannot resume" in changed.stderr and "--task-arg" in changed.stderr and "'n_layer': 1" in changed.stderr
     out = subprocess.run([sys.executable, "-m", "ddp_train", "evaluate", "-c", str(run_dir / "checkpoints" / "last.pt"),
-                          "--json"], capture_output=True, text=True, env=base_env(), cwd=ROOT, timeout=120)
+                          "--json", "--trust-code", f"{EXAMPLE}:CharLM"], capture_output=True, text=True, env=base_env(),
+                         cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout)["metrics"]) == {"val_loss", "val_acc"}
 
@@ -128,7 +129,9 @@ def test_torchmetrics_identical_on_1_2_3_ranks(tmp_path, what):
     for nproc in (1, 2, 3):
         launch = [sys.executable, "-m"] if nproc == 1 else [str(BIN / "torchrun"), "--standalone",
                                                               f"--nproc_per_node={nproc}", "-m"]
-        out = _run([*launch, "ddp_train", "evaluate", "-c", str(run_dir / "checkpoints" / "last.pt"), "--json"], ROOT)
+        trust = ["--trust-code", TASK] if what == "task" else []
+        out = _run([*launch, "ddp_train", "evaluate", "-c", str(run_dir / "checkpoints" / "last.pt"), "--json", *trust],
+                   ROOT)
         figures[nproc] = json.loads(out.stdout)["metrics"]
     names = {"task": {"val_loss", "val_auroc", "val_acc"},
              "builtin": {"val_loss", "val_acc", "val_f1", "val_auroc", "val_top3"}}[what]

@@ -12,13 +12,13 @@ from typing import Any, Iterator
 import torch
 
 from .. import checkpoint
-from ..config import build_config, config_from_dict
+from ..config import build_config, config_from_dict, named_code
 from ..data import eval_loader, rank0_first
 from ..dist import Comm, distributed
 from ..distenv import DistEnv
 from ..errors import UsageError
 from ..evaluation import Evaluator
-from ..task import BuiltinTask, Task, from_config
+from ..task import BuiltinTask, Task, absolute_spec, from_config
 from ..train import _data
 from ..userfn import user_code
 
@@ -74,11 +74,13 @@ def task_kind(loaded: Loaded) -> str | None:
 
 
 def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str | None,
-         model: str | None, config: str | None) -> Loaded:
-    """Every rank loads the same file and builds the same split and model (rank 0 downloads first)."""
+         model: str | None, config: str | None, trust_code: list[str] | None = None) -> Loaded:
+    """Every rank loads the same file and builds the same split and model (rank 0 downloads first).
+    Code the checkpoint names runs only if `trust_code` names it too (see `check_named_code`)."""
     state, ckpt = checkpoint.read(path, "evaluate another checkpoint (RUN_DIR/checkpoints/step-*.pt)")
     overrides = {"data": data, "data_dir": data_dir, "model": model}
     if ckpt is not None and isinstance(ckpt.get("config"), dict):
+        check_named_code(path, ckpt["config"], {k for k, v in overrides.items() if v}, trust_code or [])
         cfg = config_from_dict(ckpt["config"]).replace(**{k: v for k, v in overrides.items() if v})
         source = f"checkpoint (epoch {ckpt.get('epoch')}, step {ckpt.get('step')})"
     else:
@@ -96,6 +98,17 @@ def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str |
         net = task.model(cfg)
     checkpoint.load_weights(net, state, path)
     return Loaded(cfg, task, net, splits[split], source)
+
+
+def check_named_code(path: str, saved: dict[str, Any], overridden: set[str], trusted: list[str]) -> None:
+    """Refuse a checkpoint whose config names code (a Task class, a data or model function) that
+    the user neither replaced (--data, --model) nor named with --trust-code."""
+    allowed = {absolute_spec(spec) for spec in trusted} | set(trusted)
+    unnamed = [spec for k, spec in named_code(saved) if k not in overridden and spec not in allowed]
+    if unnamed:
+        raise UsageError(f"{path} names code to run ({', '.join(unnamed)}); a checkpoint's code runs only when "
+                         f"you name it: after reading that code, pass "
+                         f"{' '.join('--trust-code ' + spec for spec in unnamed)}")
 
 
 @contextlib.contextmanager

@@ -22,6 +22,9 @@ DATA = typer.Option("--data", help="Data set (default: the checkpoint's).")
 DATA_DIR = typer.Option("--data-dir", help="Folder of file-based data sets (default: the checkpoint's).")
 MODEL = typer.Option("--model", help="Model name, for a bare state dict (default: the data set's own).")
 CONFIG = typer.Option("--config", help="TOML of fit options describing a bare state dict's data and model.")
+TRUST = typer.Option("--trust-code", help="Code the checkpoint names (its --task, or a --data/--model "
+                     "module:function) that you have read and allow to run; repeat for several. Without it, "
+                     "such a checkpoint is refused (docs/security.md).", show_default=False)
 BATCH = typer.Option("--batch-size", min=1, help="Samples per evaluation chunk "
                      "(default: the run's eval batch size).")
 
@@ -34,6 +37,7 @@ def evaluate(
     model: Annotated[Optional[str], MODEL] = None,
     config: Annotated[Optional[str], CONFIG] = None,
     batch_size: Annotated[Optional[int], BATCH] = None,
+    trust_code: Annotated[Optional[list[str]], TRUST] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Metrics of a checkpoint on the validation (or test) split.
@@ -52,7 +56,7 @@ def evaluate(
     from . import _loading
 
     with _loading.job() as (env, comm, device):
-        loaded = _loading.load(checkpoint, split.value, comm, data=data, data_dir=data_dir,
+        loaded = _loading.load(checkpoint, split.value, comm, data=data, data_dir=data_dir, trust_code=trust_code,
                                model=model, config=config)
         results = _loading.renamed(_loading.evaluator(loaded, batch_size, env, comm, device)(loaded.model),
                                    split.value)

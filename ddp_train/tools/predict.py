@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from .evaluate import BATCH, CHECKPOINT, CONFIG, DATA, DATA_DIR, MODEL, Split
+from .evaluate import BATCH, CHECKPOINT, CONFIG, DATA, DATA_DIR, MODEL, TRUST, Split
 
 FORMATS = (".csv", ".pt")
 
@@ -27,6 +27,7 @@ def predict(
     model: Annotated[Optional[str], MODEL] = None,
     config: Annotated[Optional[str], CONFIG] = None,
     batch_size: Annotated[Optional[int], BATCH] = None,
+    trust_code: Annotated[Optional[list[str]], TRUST] = None,
 ) -> None:
     """Predictions for a data set split, written once by rank 0 in data set order.
 
@@ -50,7 +51,7 @@ def predict(
 
     with _loading.job() as (env, comm, device):
         comm.rank0(_check_writable, path)
-        loaded = _loading.load(checkpoint, split.value, comm, data=data, data_dir=data_dir,
+        loaded = _loading.load(checkpoint, split.value, comm, data=data, data_dir=data_dir, trust_code=trust_code,
                                model=model, config=config)
         pieces: list = []
         results = _loading.evaluator(loaded, batch_size, env, comm, device)(loaded.model, outputs=pieces)

@@ -22,6 +22,9 @@ def summary(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", "-c", help="Instead of --model: the "
                           "model (built-in or your Task's) of a run's checkpoint, on one real validation "
                           "batch.", show_default=False)] = None,
+    trust_code: Annotated[Optional[list[str]], typer.Option("--trust-code", help="With --checkpoint: code the "
+                          "checkpoint names (its --task, or a --data/--model module:function) that you have read "
+                          "and allow to run; repeat for several (docs/security.md).", show_default=False)] = None,
 ) -> None:
     """Layers, output shapes, parameter counts and memory of a model (like torchkeras' summary).
 
@@ -45,7 +48,7 @@ def summary(
     from ..models import build_model
 
     if checkpoint:
-        net, forward, input_numel = _from_checkpoint(checkpoint, batch_size)
+        net, forward, input_numel = _from_checkpoint(checkpoint, batch_size, trust_code or [])
     elif model and input_shape:
         shape = parse_shape(input_shape, "--input-shape")
         net = build_model(model, shape, classes, parse_shape(hidden, "--hidden"))
@@ -66,7 +69,7 @@ def summary(
     typer.echo(render(rows, total, trainable, input_numel, _bytes_per(net)))
 
 
-def _from_checkpoint(path: str, batch_size: int) -> tuple[Any, Any, int]:
+def _from_checkpoint(path: str, batch_size: int, trust_code: list[str]) -> tuple[Any, Any, int]:
     """The run's model with its weights, and a forward over `batch_size` validation samples run
     through the task's own eval_step (so a Task's batches of any structure work)."""
     from torch.utils.data import default_collate
@@ -76,7 +79,8 @@ def _from_checkpoint(path: str, batch_size: int) -> tuple[Any, Any, int]:
     from ..distenv import DistEnv
     from ._loading import load
 
-    loaded = load(path, "val", Comm(DistEnv.from_environ({})), data=None, data_dir=None, model=None, config=None)
+    loaded = load(path, "val", Comm(DistEnv.from_environ({})), data=None, data_dir=None, model=None, config=None,
+                  trust_code=trust_code)
     ds = loaded.dataset
     n = min(batch_size, len(ds))
     batch = ds[slice(0, n)] if hasattr(ds, "x") else default_collate([ds[i] for i in range(n)])

@@ -59,7 +59,7 @@ def test_fit_help_keeps_square_brackets():
     """Help texts are printed literally: rich must not take `[sgd|adam|adamw]` or `[rank N]` for markup."""
     text = invoke("fit", "--help").output
     assert "[32|bf16|fp16]" in text  # survives today only because rich tags cannot start with a digit
-    for choices in ("[sgd|adam|adamw]", "[none|cosine|step|onecycle]", "[auto|min|max]",
+    for choices in ("[sgd|adam|adamw]", "[none|cosine|linear|step|onecycle]", "[auto|min|max]",
                     "[auto|ddp|dp|single|fsdp]", "[auto|nccl|gloo]"):
         assert choices in text, choices
     assert "prefixed [rank N]" in text

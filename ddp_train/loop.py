@@ -183,6 +183,9 @@ class LossWindow:
         return weighted.sum().item(), counts.sum().item(), bad
 
 
+LABEL_HINT = "fix the labels, or give the model one output per class"
+
+
 class SyncedLogs:
     """The Task's `synced_logs` values since the last sync: one all-reduce of [sum, count] per
     name, the same names on every rank (the Task's class lists them)."""
@@ -284,7 +287,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
                         return "early_stop", last_row
                 break
             with named_oom(trainer.device, f"training step {st.step + 1}"):
-                losses, applied = _first_step(run, micro) if first_step else trainer.step(micro)
+                losses, applied = _first_step(run, micro) if first_step else _step(run, micro, st.step + 1)
             window.add(losses, st.step + 1, st.epoch + 1)
             seen += sum(n for _, n in losses) * world_size
             st.step += 1
@@ -365,13 +368,22 @@ def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, i
             hint = ("this model uses an operation without a deterministic kernel on this device: drop "
                     "--deterministic, or replace that layer")
         elif isinstance(e, LabelError) or re.search(r"Target -?\d+ is out of bounds", str(e)):
-            hint = "fix the labels, or give the model one output per class"
+            hint = LABEL_HINT
         else:
             hint = "make the model fit the batch's shapes"
         error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})", hint)
         if not run.comm.all_failed("first_step"):
             raise RankError(str(error), error.exit_code, error.details) from e
         raise error from e
+
+
+def _step(run: Loop, micro: list[Any], step: int) -> tuple[list[tuple[torch.Tensor, int]], bool]:
+    """A later step: labels outside the model's outputs in this rank's batch are this rank's to report."""
+    try:
+        return run.trainer.step(micro)
+    except LabelError as e:
+        error = user_error(e, run.origin, None, f"training step {step}", LABEL_HINT)
+        raise RankError(str(error), error.exit_code, error.details) from e
 
 
 def _count_skips(run: Loop, applied: bool) -> None:

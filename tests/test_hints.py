@@ -56,3 +56,25 @@ def test_more_processes_than_cores_is_one_warning(local, cores, warned):
                            f"than {cores} would; start at most {cores} per machine (--nproc_per_node={cores})")
     else:
         assert message is None
+
+
+class LateBadLabel(Labels):
+    """Its third batch's labels leave the model's range."""
+
+    def eval_step(self, model, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        x, y = batch
+        return model(x), y + 1 if self.calls == 3 else y
+
+
+def test_labels_out_of_range_in_a_later_batch_are_one_line_of_the_rank_that_has_them(tmp_path, capfd):
+    from ddp_train import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fit", "--task", "test_hints:LateBadLabel", "--batch-size", "8", "--run-dir", str(tmp_path / "r"),
+                  "--no-progress"])
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == (
+        "error: [rank 0] --task test_hints:LateBadLabel raised LabelError while training step 3: labels must be 0..3 "
+        "for the model's 4 outputs (this batch has 1..4); fix the labels, or give the model one output per class")

@@ -70,7 +70,8 @@ def load_user_function(spec: str, option: str) -> Any:
 
 def _import_file(path: Path, option: str, spec: str) -> Any:
     if not path.is_file():
-        raise UsageError(f"{option} {spec!r}: {path} does not exist")
+        raise UsageError(f"{option} {spec!r}: {path} does not exist; if the code moved, name the file where it "
+                         "is now (a run continues with its Task named from anywhere)")
     name = f"ddp_train_user_{path.stem}"
     if name in sys.modules:
         return sys.modules[name]

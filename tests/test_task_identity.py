@@ -77,3 +77,12 @@ def test_a_run_resumes_after_the_checkout_moves_and_by_module_name(tmp_path, mon
         run(f"{new}/my_task.py:OtherTask", 8)
     with pytest.raises(UsageError, match=r"cannot resume .*--task-arg"):
         run("my_task:SeqTask", 8, task_args={"width": 9})
+
+
+def test_continuing_a_run_whose_task_file_moved_says_to_name_it_anew(tmp_path):
+    from ddp_train.config import build_config
+
+    gone = tmp_path / "gone" / "my_task.py"
+    with pytest.raises(UsageError, match=r"my_task.py does not exist; if the code moved, name the file where it is "
+                                         r"now \(a run continues with its Task named from anywhere\)$"):
+        fit(cfg=build_config({"task": f"{gone}:SeqTask", "run_dir": str(tmp_path / "run")}))

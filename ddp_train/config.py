@@ -103,7 +103,7 @@ class FitConfig:
                               "on GPU: up to 8, from the CPUs of each process, to decode JPEGs off the training "
                               "process).", min=0)
     timeout: float = opt(600.0, "Seconds a collective may wait before the run is declared hung.", positive=True)
-    hang_timeout: float = opt(60.0, "Seconds a rank may go without a heartbeat (alive but stopped or stuck) "
+    hang_timeout: float = opt(45.0, "Seconds a rank may go without a heartbeat (alive but stopped or stuck) "
                               "before every rank stops, naming it, instead of waiting --timeout (0: never).", min=0)
     # run directory, checkpoints, resume
     run_dir: str | None = opt(None, "Run directory (default: runs/<data>-<model>-<launch id>).")

@@ -153,7 +153,7 @@ class Comm:
 
 
 @contextlib.contextmanager
-def distributed(env: DistEnv, timeout_s: float, hang_s: float = 60.0) -> Iterator[Comm]:
+def distributed(env: DistEnv, timeout_s: float, hang_s: float = 45.0) -> Iterator[Comm]:
     """Initialise the process group (if several processes), yield a `Comm`, tear down cleanly.
     A rank silent for `hang_s` seconds (0: never) ends the job (ddp_train/watchdog.py).
 

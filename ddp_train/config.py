@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -15,9 +16,9 @@ from .safeio import refuse_link, replace_text
 
 
 def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str, ...] = (),
-        flag: str | None = None, positive: bool = False) -> Any:
+        flag: str | None = None, positive: bool = False, max: float | None = None) -> Any:
     """A config field that also describes its command-line option."""
-    meta = {"help": help, "min": min, "choices": choices, "flag": flag, "positive": positive}
+    meta = {"help": help, "min": min, "choices": choices, "flag": flag, "positive": positive, "max": max}
     return field(default=default, metadata=meta)
 
 
@@ -58,7 +59,7 @@ class FitConfig:
     eval_batch_size: int | None = opt(None, "Evaluation batch size per rank (default: 4 x --batch-size).", min=1)
     lr: float = opt(1e-3, "Learning rate.", positive=True)
     optimizer: str = opt("adam", "Optimizer.", choices=("sgd", "adam", "adamw"))
-    momentum: float = opt(0.9, "SGD momentum.", min=0)
+    momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
     scheduler: str = opt("none", "LR schedule, stepped every optimizer step (linear: decay to 0, after any "
                          "--warmup-steps, as Hugging Face Trainer's default).",
@@ -66,7 +67,7 @@ class FitConfig:
     lr_step_epochs: int = opt(30, "--scheduler step: epochs between decays.", min=1)
     lr_gamma: float = opt(0.1, "--scheduler step: decay factor.", positive=True)
     warmup_steps: int = opt(0, "Linear learning-rate warm-up over this many steps, before any --scheduler.", min=0)
-    label_smoothing: float = opt(0.0, "Label smoothing of the built-in classification loss.", min=0)
+    label_smoothing: float = opt(0.0, "Label smoothing of the built-in classification loss.", min=0, max=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (no all-reduce on the others).", min=1)
     clip_grad_norm: float | None = opt(None, "Clip the global gradient norm to this value.", positive=True)
     precision: str = opt("32", "Numeric precision (autocast; fp16 adds a GradScaler).",
@@ -141,6 +142,10 @@ class FitConfig:
             if value is None:
                 continue
             name = option_name(f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number (got {value})")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise UsageError(f"{name} must be <= {meta['max']} (got {value})")
             if meta.get("min") is not None and value < meta["min"]:
                 raise UsageError(f"{name} must be >= {meta['min']} (got {value})")
             if meta.get("positive") and not value > 0:

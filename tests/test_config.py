@@ -13,6 +13,13 @@ from ddp_train.errors import UsageError
     ({"input_shape": "1,x"}, "--input-shape must be comma-separated"),
     ({"save_every": 0}, "--save-every must be >= 1"),
     ({"keep": 0}, "--keep must be >= 1"),
+    ({"lr": float("inf")}, "--lr must be a finite number \\(got inf\\)"),
+    ({"lr": float("nan")}, "--lr must be a finite number"),
+    ({"momentum": 5.0}, "--momentum must be <= 1 \\(got 5.0\\)"),
+    ({"momentum": float("nan")}, "--momentum must be a finite number"),
+    ({"label_smoothing": 2.0}, "--label-smoothing must be <= 1"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a finite number"),
+    ({"clip_grad_norm": float("inf")}, "--clip-grad-norm must be a finite number"),
 ])
 def test_validation(changes, message):
     with pytest.raises(UsageError, match=message):

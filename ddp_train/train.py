@@ -28,6 +28,7 @@ from .dist import Comm
 from .distenv import DistEnv
 from .errors import UsageError, WriteFailure
 from .evaluation import Evaluator
+from .fingerprint import data_fingerprint, describe_change
 from .log import NullFiles, NullProgress, Progress, Reporter, RunFiles, Tracker, log, make_tracker
 from .loop import Loop, Trainer, TrainState, plan, train
 from .parallel import resolve_strategy, wrap
@@ -69,6 +70,7 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
 
     splits = rank0_first(lambda: _data(task, cfg), cfg.download, comm)
     check_sizes(splits, env.world_size)
+    data_id = data_fingerprint(splits)
     if isinstance(task, BuiltinTask):
         cfg, settings = cfg.replace(model=task.model_name), settings.replace(model=task.model_name)
         if ":" in task.model_name:
@@ -86,6 +88,8 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:  # before any weights load: name the differing settings, not tensor shapes
         _check_compatible(ckpt, settings, env, ckpt_path, total)
+        _check_data(ckpt, data_id, cfg, ckpt_path)
+        _check_init_from(ckpt, cfg, ckpt_path)
 
     with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
         # --pretrained: rank 0 downloads the weights into the shared cache, then the others read it
@@ -150,7 +154,7 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
 
     def state_dict(rngs: list[Any] | None, with_tensors: bool) -> dict[str, Any]:
         return {**_checkpoint_dict(trainer, state, policy, config, cfg, env, total, tracker, rngs, with_tensors),
-                "optimization": optimization}
+                "optimization": optimization, "data": data_id}
 
     saver = checkpoint.Checkpointer(run_dir / "checkpoints", comm, cfg.keep, state_dict, lambda: state.step,
                                     (model, optimizer) if sharded_run else None, cfg.save_every_seconds)
@@ -300,7 +304,45 @@ def prepare_run_dir(cfg: FitConfig, env: DistEnv, held: contextlib.ExitStack) ->
             path.unlink(missing_ok=True)
         checkpoint.remove_all(ckpt_dir)
         return run_dir, None
-    return run_dir, checkpoint.find_latest_any(ckpt_dir, sharded_run)
+    latest = checkpoint.find_latest_any(ckpt_dir, sharded_run)
+    if latest is None:
+        _check_other_strategy(run_dir, cfg.strategy)
+    return run_dir, latest
+
+
+def _check_other_strategy(run_dir: Path, strategy: str) -> None:
+    """Checkpoints of the other kind (sharded FSDP vs plain) would otherwise go unseen: the run would
+    start over at step 0 and mix two runs in its history. No switch is a supported reshard (the
+    optimizer state's layout differs); an FSDP run resumes on any number of processes (DCP reshards)."""
+    sharded_run = strategy == "fsdp"
+    try:
+        other = checkpoint.find_latest_any(run_dir / "checkpoints", not sharded_run)
+    except UsageError:
+        return  # none of them readable: nothing to continue
+    if other is None:
+        return
+    kind, fix = (("plain", "the --strategy it ran with (auto, ddp, dp or single)") if sharded_run
+                 else ("sharded (--strategy fsdp)", "--strategy fsdp"))
+    raise UsageError(f"{run_dir} holds {kind} checkpoints ({other}) that --strategy {strategy} cannot resume: "
+                     f"pass {fix} to continue that run, or another --run-dir (`ddp-train export` makes a "
+                     "state dict of its weights for --init-from)")
+
+
+def _check_init_from(ckpt: dict[str, Any], cfg: FitConfig, path: Path) -> None:
+    """--init-from starts a run; a resumed run keeps its own weights. The same command again (a
+    requeue) names the run's own --init-from, which was applied at its start."""
+    if cfg.init_from and ckpt.get("config", {}).get("init_from") != cfg.init_from:
+        raise UsageError(f"--init-from {cfg.init_from} would be ignored: {path} (step {ckpt.get('step')}) continues "
+                         "this run with its own weights; drop --init-from to continue it, or pass another --run-dir "
+                         "to start a new run from those weights")
+
+
+def _check_data(ckpt: dict[str, Any], data_id: dict[str, Any], cfg: FitConfig, path: Path) -> None:
+    changed = describe_change(ckpt.get("data") or {}, data_id)
+    if changed:
+        where = f"--data-dir {cfg.data_dir}" if cfg.data_dir else f"--{'task' if cfg.task else 'data'}"
+        raise UsageError(f"cannot resume {path}: {changed} since it was saved: another data set is behind {where}; "
+                         "restore that data to continue the run, or pass another --run-dir for a new run on this data")
 
 
 def _check_compatible(ckpt: dict[str, Any], cfg: FitConfig, env: DistEnv, path: Path, total: int) -> None:

@@ -50,6 +50,9 @@ class Watchdog(threading.Thread):
         self.beats = 0
         self.peers = list(range(1, env.world_size)) if env.is_main else [0]
         self.heard: dict[int, tuple[bytes, float]] = {}  # rank -> (last heartbeat, when it changed)
+        self.answered = time.monotonic()  # when the store last answered the poller
+        self.reason: str | None = None  # the job's failure, once the poller has found one
+        self.store_lost = False  # the poller lost the store (and waited `grace` already)
         # A launcher that runs us as its child (torchrun's agent, mpirun's daemon): when it dies we are
         # reparented, and must stop at once rather than train on and write checkpoints.
         self.parent = os.getppid() if env.launcher in ("torchrun", "mpi", "lsf") else None
@@ -67,31 +70,55 @@ class Watchdog(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        tick = min(0.2, self.interval)
-        next_poll, failed_at = 0.0, None
-        while not self.stopped.wait(tick):
+        """Acts on what the poller finds; a poller stuck in a store call is itself a finding (the
+        store's host, rank 0 or torchrun's agent, is stopped), so it runs in a thread of its own."""
+        failed_at = None
+        poller = threading.Thread(target=self._poll, name="ddp_train-heartbeat", daemon=True)
+        poller.start()
+        while not self.stopped.wait(min(0.2, self.interval)):
             if self.parent is not None and os.getppid() != self.parent:
                 die(f"[rank {self.env.rank}] stopping: its launcher (pid {self.parent}) died")
             now = time.monotonic()
-            if now < next_poll:
-                continue
-            next_poll = now + self.interval
-            try:
-                self.beat()
-                reason = self._failure(now)
-            except Exception:
-                if self.stopped.wait(self.grace):
-                    return  # normal shutdown: rank 0 closed the store after the final barrier
-                reason = "lost contact with the job's rendezvous store (another rank died)"
-                failed_at = now - self.grace
+            reason = self.reason
+            if reason is None and self.hang_s and now - self.answered > self.hang_s + self.interval:
+                reason = self._store_silent(now - self.answered)
+                failed_at = now - self.grace  # no store to tell the others through: end now
             if reason is None or self.stopped.is_set():
                 continue
-            failed_at = failed_at or now
+            failed_at = failed_at or (now - self.grace if self.store_lost else now)
             self._kill_hung_neighbour()
             # The main thread raises PeerFailure once its collective fails; where it cannot (a peer on
             # another host is stopped and holds the collective), the process ends here.
             if now - failed_at >= self.grace:
                 die(f"[rank {self.env.rank}] stopping: {reason}")
+        poller.join(2.0)
+
+    def _poll(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.beat()
+                self.reason = self._failure(time.monotonic())
+                self.answered = time.monotonic()
+            except Exception:
+                if self.stopped.wait(self.grace):
+                    return  # normal shutdown: rank 0 closed the store after the final barrier
+                self.store_lost = True
+                self.reason = "lost contact with the job's rendezvous store (another rank died)"
+            if self.reason:
+                return
+
+    def _store_silent(self, silent_s: float) -> str:
+        """The store has not answered for `silent_s` seconds: its host is stopped. Rank 0 (which
+        serves it unless torchrun's agent does) is killed by a neighbour, as a hung rank is."""
+        wait = f"(--hang-timeout {self.hang_s:g}); the job stopped rather than wait --timeout {self.timeout_s:g} s"
+        if self.env.agent_store or 0 not in self.heard:
+            return f"the job's store (torchrun's agent) has not answered for {silent_s:.0f} s {wait}"
+        _, step, host, pid = self.heard[0][0].decode().split()
+        with contextlib.suppress(OSError):
+            if host == socket.gethostname():
+                os.kill(int(pid), signal.SIGKILL)
+        return (f"rank 0 (pid {pid} on {host}) stopped responding at step {max(int(step), self.step())}: the job's "
+                f"store, which it serves, has not answered for {silent_s:.0f} s {wait}")
 
     def _failure(self, now: float) -> str | None:
         """The job's failure, announced or found now: a peer whose heartbeat stopped."""

@@ -150,8 +150,8 @@ def command(tool: str, workload: str, procs: int, run_dir: Path, quick: bool, lo
     if spec["rate"] == "step_s":  # full batch: all the samples
         batch = min(batch, size["samples"])
     return [*launch, "-m", "ddp_train", "fit", *spec["ddp"], *sizes,
-            "--batch-size", str(batch), *logging,
-            "--run-dir", str(run_dir), "--resume", "never", "--no-progress"]
+            "--batch-size", str(batch), "--eval-batch-size", str(4 * batch),  # as the baselines evaluate
+            *logging, "--run-dir", str(run_dir), "--resume", "never", "--no-progress"]
 
 
 def compile_bytecode() -> None:

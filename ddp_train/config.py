@@ -56,7 +56,7 @@ class FitConfig:
     global_batch_size: int | None = opt(None, "Fix the global batch: each rank takes this / world size, in "
                                         "micro-batches of at most --batch-size; a run may then resume on another "
                                         "number of processes and continue the same trajectory.", min=1)
-    eval_batch_size: int | None = opt(None, "Evaluation batch size per rank (default: 4 x --batch-size).", min=1)
+    eval_batch_size: int | None = opt(None, "Evaluation batch size per rank (default: --batch-size, the training micro-batch).", min=1)
     lr: float = opt(1e-3, "Learning rate.", positive=True)
     optimizer: str = opt("adam", "Optimizer.", choices=("sgd", "adam", "adamw"))
     momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)

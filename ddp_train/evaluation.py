@@ -1,22 +1,26 @@
 """Exact distributed evaluation: each sample counted once, the same figures for any world size.
 
 Each rank evaluates its fixed global chunks (sampling.EvalChunks). Per chunk it records the loss
-sum, the built-in statistics and each torchmetrics metric's state; the loss and statistics travel
-in one all-reduce, the metric states in one gather; everything is then summed in chunk order.
+sum and the units it sums over (`Task.count`: samples, or valid tokens), the built-in statistics
+and each torchmetrics metric's state; the loss, units and statistics travel in one all-reduce, the
+metric states in one gather; everything is then summed in chunk order. Given a seed, each chunk's
+forward runs under generators seeded from (seed, the chunk's first index): the same figures every time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterable
 
 import torch
 
-from .batch import count, first_sample, move_to
+from .batch import first_sample, move_to
 from .dist import Comm
 from .metrics import ChunkedMetric, cpu_states
 from .sampling import EvalChunks
 from .task import Task, overrides
+from .transforms import EVAL_EPOCH, sample_hash, seeded_on
 
 
 def autocast(device: torch.device, precision: str) -> Any:
@@ -28,16 +32,17 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 class Evaluator:
     def __init__(self, task: Task, loader: Iterable, chunks: EvalChunks, device: torch.device, comm: Comm,
-                 precision: str = "32", channels_last: bool = False, lockstep: bool = False):
-        self.task, self.loader, self.chunks, self.lockstep = task, loader, chunks, lockstep
+                 precision: str = "32", channels_last: bool = False, lockstep: bool = False,
+                 seed: int | None = None):
+        self.task, self.loader, self.chunks, self.lockstep, self.seed = task, loader, chunks, lockstep, seed
         self.device, self.comm, self.precision, self.channels_last = device, comm, precision, channels_last
         self.metrics = [ChunkedMetric(name, m) for name, m in task.metrics().items()]
         for m in self.metrics:
             m.metric.to(device)
         make_stats = getattr(task, "statistics", None)
         self.stats_names = make_stats(1, device).names if make_stats else ()
-        # A Task that only overrides loss() gets val_loss from it (a second forward when metrics
-        # also need outputs); otherwise loss and outputs come from one eval_step.
+        # A Task that overrides loss() gets val_loss from it (a second forward when metrics also
+        # need outputs, unless its eval_step returns the loss too); otherwise from one eval_step.
         self.one_forward = not overrides(task, "loss")
 
     @property
@@ -50,7 +55,7 @@ class Evaluator:
         n_chunks = self.chunks.num_chunks
         make_stats = getattr(self.task, "statistics", None)
         stats = make_stats(n_chunks, self.device) if make_stats else None
-        losses = torch.zeros(n_chunks, dtype=torch.float64, device=self.device)
+        losses = torch.zeros(2 * n_chunks, dtype=torch.float64, device=self.device)  # loss sums, then units
         states: list[tuple[int, list[dict]]] = []
         need_outputs = stats is not None or self.metrics or outputs is not None
         was_training = model.training
@@ -59,8 +64,11 @@ class Evaluator:
         try:
             for chunk_id, batch in zip(self.chunks.chunk_ids(), self.loader):
                 batch = move_to(batch, self.device, self.channels_last)
-                loss, out, target = self._forward(model, batch, need_outputs)
-                losses[chunk_id] = loss.double() * count(batch)
+                with self._seeded(chunk_id):
+                    loss, out, target = self._forward(model, batch, need_outputs)
+                units = torch.as_tensor(self.task.count(batch), dtype=torch.float64, device=self.device)
+                losses[n_chunks + chunk_id] = units
+                losses[chunk_id] = torch.where(units > 0, loss.double() * units, 0.0)  # no units: no loss (nor nan)
                 if stats is not None:
                     stats.update(chunk_id, out.float(), target)
                 if self.metrics:
@@ -73,24 +81,32 @@ class Evaluator:
             model.train(was_training)
         synced = torch.cat([losses, stats.tensor]) if stats is not None else losses
         self.comm.all_reduce_sum(synced)
-        results = {"val_loss": synced[:n_chunks].sum().item() / self.chunks.n}
+        units = synced[n_chunks:2 * n_chunks].sum().item()
+        results = {"val_loss": synced[:n_chunks].sum().item() / units if units else math.nan}
         if stats is not None:
-            stats.tensor = synced[n_chunks:]
+            stats.tensor = synced[2 * n_chunks:]
             results.update({f"val_{k}": v for k, v in stats.compute().items()})
         if self.metrics:
             results.update(self._metric_results(states))
         return results
 
+    def _seeded(self, chunk_id: int) -> Any:
+        """Random draws in the forward are a function of (seed, the chunk's first sample)."""
+        if self.seed is None:
+            return contextlib.nullcontext()
+        return seeded_on(self.device, sample_hash(self.seed, EVAL_EPOCH, chunk_id * self.chunks.batch_size))
+
     def _forward(self, model: torch.nn.Module, batch: Any, need_outputs: bool) -> tuple[torch.Tensor, Any, Any]:
         out = target = None
         with autocast(self.device, self.precision):
+            if self.one_forward or need_outputs:
+                out, target, *given = self.task.eval_step(model, batch)
+                if given:
+                    return given[0], out, target
             if self.one_forward:
-                out, target = self.task.eval_step(model, batch)
                 loss = self.task.criterion(out, target)
             else:
                 loss = self.task.loss(model, batch)
-                if need_outputs:
-                    out, target = self.task.eval_step(model, batch)
         return loss, out, target
 
     def _pad(self, model: torch.nn.Module, need_outputs: bool, last: Any) -> None:

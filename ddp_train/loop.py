@@ -27,8 +27,8 @@ from .log import Reporter
 from .optim import Schedule
 from .streaming import need_max_steps
 from .policy import Policy
-from .task import LabelError, Task, drain_logged
-from .userfn import user_error
+from .task import LabelError, Task, drain_logged, overrides
+from .userfn import data_error, first_step_hint, user_batches, user_error, where
 
 log = logging.getLogger("ddp_train")
 
@@ -49,7 +49,7 @@ class Trainer:
 
     def __init__(self, task: Task, model: torch.nn.Module, wrapped: torch.nn.Module, optimizer: Any,
                  schedule: Schedule | None, scaler: Any, cfg: FitConfig, device: torch.device, precision: str = "32",
-                 sharded: bool = False):
+                 sharded: bool = False, comm: Comm | None = None):
         self.task, self.model, self.wrapped = task, model, wrapped
         self.optimizer, self.scaler = optimizer, scaler
         self.scheduler = schedule.scheduler if schedule is not None else None
@@ -62,22 +62,42 @@ class Trainer:
         self.sharded = sharded  # FSDP2: gradient sync and clipping through ddp_train.fsdp
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.buffers = persistent_buffers(model)
+        self.comm = comm
+        self.units = overrides(task, "count")  # losses are means over the Task's own units (tokens)
 
-    def step(self, micro_batches: list[Any]) -> tuple[list[tuple[torch.Tensor, int]], bool]:
+    def step(self, micro_batches: list[Any]) -> tuple[list[tuple[torch.Tensor, Any]], bool]:
         """Forward, loss and backward for each micro-batch (gradients all-reduced on the last one
-        only), then one optimizer step. Returns each micro-batch's (loss, samples) and whether the
-        step was applied (False: skipped for non-finite gradients)."""
+        only), then one optimizer step. Returns each micro-batch's (loss, units it averages: samples
+        or `Task.count`) and whether the step was applied (False: skipped for non-finite gradients)."""
         losses = []
         group = len(micro_batches)
-        for i, batch in enumerate(micro_batches):
-            batch = move_to(batch, self.device, self.channels_last)
+        batches = [move_to(batch, self.device, self.channels_last) for batch in micro_batches]
+        weights = self._unit_weights(batches) if self.units else None
+        for i, batch in enumerate(batches):
             with self._sync(last=i == group - 1):
                 with autocast(self.device, self.precision):
                     loss = self.task.loss(self.wrapped, batch)
-                scaled = loss / group if group > 1 else loss  # no extra op (and backward node) per step
+                if weights is not None:
+                    units, weight = weights[0][i], weights[1][i]
+                    scaled = loss * weight.to(loss.dtype)
+                else:
+                    units, scaled = count(batch), loss / group if group > 1 else loss  # no extra op per step
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            losses.append((loss.detach(), count(batch)))
+            losses.append((loss.detach(), units))
         return losses, self._apply()
+
+    def _unit_weights(self, batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(units, weight) per micro-batch: weight = units x world size / the step's units over all
+        ranks (one all-reduce before the backwards), so that the gradient averaged over ranks is the
+        mean over every unit of the step, as one batch of them all would give."""
+        units = torch.stack([torch.as_tensor(self.task.count(b), dtype=torch.float64, device=self.device)
+                             for b in batches])
+        total = units.sum().reshape(1)
+        world = 1
+        if self.comm is not None:
+            self.comm.all_reduce_sum(total)
+            world = self.comm.env.world_size
+        return units, units * world / total.clamp(min=1)
 
     def _sync(self, last: bool) -> Any:
         """Gradients are all-reduced (or reduce-scattered) on the last micro-batch only."""
@@ -155,7 +175,7 @@ class LossWindow:
         self.counts: list[int] = []
         self.steps: list[tuple[int, int]] = []  # (step, epoch) of each entry
 
-    def add(self, losses: list[tuple[torch.Tensor, int]], step: int, epoch: int) -> None:
+    def add(self, losses: list[tuple[torch.Tensor, Any]], step: int, epoch: int) -> None:
         for loss, n in losses:
             self.losses.append(loss)
             self.counts.append(n)
@@ -167,9 +187,12 @@ class LossWindow:
         vec = torch.zeros(2 * k + 1, dtype=torch.float64, device=self.device)
         if k:
             losses = torch.stack(self.losses).double()
-            counts = torch.tensor(self.counts, dtype=torch.float64)
-            counts = (counts.pin_memory() if self.device.type == "cuda" else counts).to(self.device, non_blocking=True)
-            vec[:k], vec[k:2 * k] = losses * counts, counts
+            if all(isinstance(c, int) for c in self.counts):
+                counts = torch.tensor(self.counts, dtype=torch.float64)
+                counts = (counts.pin_memory() if self.device.type == "cuda" else counts).to(self.device, non_blocking=True)
+            else:  # Task.count's tensors, on the device already
+                counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.device) for c in self.counts])
+            vec[:k], vec[k:2 * k] = torch.where(counts > 0, losses * counts, 0.0), counts
         self.comm.all_reduce_sum(vec)
         vec = vec.cpu()  # the one wait for the device per log line; what follows runs on the host
         steps, self.losses, self.counts, self.steps = self.steps, [], [], []
@@ -272,7 +295,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
         run.sampler.set_epoch(st.epoch, st.batch_in_epoch)
         trainer.wrapped.train()
         run.report.start_epoch(st.epoch + 1, epochs, total, st.step)
-        batches_iter = iter(run.loader)
+        batches_iter = user_batches(run.loader, lambda e: batch_error(run.comm, run.origin, "training", e))
         epoch_ended = False
         while not epoch_ended and st.step < total:
             micro = _next_group(run, batches_iter, batches)
@@ -289,7 +312,7 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
             with named_oom(trainer.device, f"training step {st.step + 1}"):
                 losses, applied = _first_step(run, micro) if first_step else _step(run, micro, st.step + 1)
             window.add(losses, st.step + 1, st.epoch + 1)
-            seen += sum(n for _, n in losses) * world_size
+            seen += sum(count(b) for b in micro) * world_size
             st.step += 1
             comm.at_step(st.step)
             st.batch_in_epoch += len(micro)
@@ -364,14 +387,13 @@ def _first_step(run: Loop, micro: list[Any]) -> tuple[list[tuple[torch.Tensor, i
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
         if run.comm.peer_failure() or any(s in str(e) for s in PEER_LOST):
             raise
-        if "deterministic implementation" in str(e):
-            hint = ("this model uses an operation without a deterministic kernel on this device: drop "
-                    "--deterministic, or replace that layer")
-        elif isinstance(e, LabelError) or re.search(r"Target -?\d+ is out of bounds", str(e)):
+        if isinstance(e, LabelError) or re.search(r"Target -?\d+ is out of bounds", str(e)):
             hint = LABEL_HINT
         else:
-            hint = "make the model fit the batch's shapes"
-        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})", hint)
+            hint = first_step_hint(e)
+        at = where(e)
+        error = user_error(e, run.origin, None, f"training on the first batch ({shapes(micro[0])})"
+                           f"{f' at {at}' if at else ''}", hint)
         if not run.comm.all_failed("first_step"):
             raise RankError(str(error), error.exit_code, error.details) from e
         raise error from e
@@ -384,6 +406,14 @@ def _step(run: Loop, micro: list[Any], step: int) -> tuple[list[tuple[torch.Tens
     except LabelError as e:
         error = user_error(e, run.origin, None, f"training step {step}", LABEL_HINT)
         raise RankError(str(error), error.exit_code, error.details) from e
+
+
+def batch_error(comm: Comm, origin: str, split: str, e: BaseException) -> BaseException:
+    """A `split` batch could not be made: one line naming the user's frame; this rank's own when
+    the other ranks' batches were fine."""
+    error = data_error(e, origin.replace("--model/--data", "--data"),
+                       f"making a {split} batch (the data set's __getitem__ or the Task's collate)")
+    return error if comm.all_failed(f"{split}_batch") else RankError(str(error), error.exit_code, error.details)
 
 
 def _count_skips(run: Loop, applied: bool) -> None:

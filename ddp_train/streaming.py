@@ -68,11 +68,12 @@ def is_stream(ds: Any) -> bool:
     return isinstance(ds, IterableDataset)
 
 
-def stream_loader(ds: Any, batch_size: int, rank: int, world_size: int,
-                  loader_args: dict[str, Any]) -> tuple[DataLoader, StreamShards]:
+def stream_loader(ds: Any, batch_size: int, rank: int, world_size: int, loader_args: dict[str, Any],
+                  collate: Callable[[list[Any]], Any] | None = None) -> tuple[DataLoader, StreamShards]:
     """The training loader of a streaming split and its sampler. `loader_args` go to the
-    DataLoader; its workers must not be persistent: each epoch's get that epoch and position."""
-    shards = StreamShards(ds, batch_size, rank, world_size)
+    DataLoader; its workers must not be persistent: each epoch's get that epoch and position.
+    `collate`: the Task's, else torch's default."""
+    shards = StreamShards(ds, batch_size, rank, world_size, collate or default_collate)
     return DataLoader(shards, batch_size=None, **loader_args), shards
 
 

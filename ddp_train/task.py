@@ -11,11 +11,12 @@ import inspect
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .batch import count as samples
 from .config import FitConfig, parse_shape
 from .errors import UsageError
 from .userfn import load_user_object, user_code
@@ -40,7 +41,17 @@ class Task:
       parameter groups (default: None, the built-in --optimizer/--lr/--weight-decay);
     - `scheduler(optimizer, cfg, steps)` -> a learning-rate scheduler stepped after every optimizer
       step, or (scheduler, "epoch") to step it after every epoch (default: None, the built-in
-      --scheduler/--warmup-steps).
+      --scheduler/--warmup-steps);
+    - `collate(split)` -> the function that turns a list of samples into a batch for "train",
+      "val" or "test" (a Hugging Face collator works as it is), or None for torch's default;
+    - `count(batch)` -> how many units (valid tokens, pixels) the batch's loss is a mean over
+      (default: its samples); overriding it makes the gradient, the logged training loss and
+      val_loss exact means over all the units of a step or a split, across micro-batches and ranks.
+
+    `eval_step` may also return `(outputs, targets, loss)`: evaluation then takes the loss from it,
+    one forward per batch even when the Task overrides `loss()`. Randomness during evaluation (a
+    masking collator, random ops in `eval_step`) is seeded from (seed, sample index): a checkpoint
+    evaluates to the same figures every time, at any world size. See docs/tasks-advanced.md.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Task":
@@ -131,6 +142,19 @@ class Task:
         epoch). `steps.total` is the run's optimizer steps, `steps.per_epoch` an epoch's (None for
         streaming data). Saved and restored with checkpoints. None: the built-in --scheduler."""
         return None
+
+    def collate(self, split: str) -> Callable[[list[Any]], Any] | None:
+        """The collate function for `split` ("train", "val" or "test"), or None for torch's default
+        (which stacks equal-shaped samples). Runs in the loader workers when --workers > 0, so it
+        must pickle there (a function, or an object such as a Hugging Face collator)."""
+        return None
+
+    def count(self, batch: Any) -> int | torch.Tensor:
+        """How many units `loss(model, batch)` is a mean over: valid tokens for a padded token loss,
+        e.g. `(batch["labels"][:, 1:] != -100).sum()`. The default, the batch's samples, keeps the
+        per-batch weighting (no extra collective per step). The loss must stay finite when the
+        count is 0 (its weight is then 0)."""
+        return samples(batch)
 
     @property
     def settings(self) -> dict[str, Any]:

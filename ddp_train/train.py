@@ -30,13 +30,13 @@ from .errors import UsageError, WriteFailure
 from .evaluation import Evaluator
 from .fingerprint import data_fingerprint, describe_change
 from .log import NullFiles, NullProgress, Progress, Reporter, RunFiles, Tracker, log, make_tracker
-from .loop import Loop, Trainer, TrainState, plan, train
+from .loop import Loop, Trainer, TrainState, batch_error, plan, train
 from .parallel import resolve_strategy, wrap
 from .policy import Policy
 from .result import FitResult
 from .trackers import TensorBoardTracker, Trackers, check_tensorboard
 from .task import BuiltinTask, Task, check_settings, spec_of
-from .userfn import user_code
+from .userfn import NamedErrors, user_code
 
 OUR_FILES = ("config.json", "history.csv", "metrics.jsonl", "history.png")
 
@@ -81,8 +81,10 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     train_set = splits["train"]
     if cfg.workers is None:
         cfg = cfg.replace(workers=default_workers(cfg.data, device.type == "cuda", env.local_world_size))
+    with user_code(origin.split("/")[0], cfg.task, "choosing its collate functions"):
+        collates = {split: task.collate(split) for split in splits}
     loader, sampler = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers,
-                                   device.type == "cuda", settings.global_batch_size)
+                                   device.type == "cuda", settings.global_batch_size, collates["train"])
     per_epoch, total = plan(cfg, sampler.num_batches)
     run_dir, ckpt_path = comm.rank0(prepare_run_dir, settings, env, held)
     ckpt = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
@@ -120,11 +122,12 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
         # a schedule built on loaded rates would take them for its base rates.
         sharded.load(ckpt_path, model, optimizer)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    val_loader, chunks = eval_loader(splits["val"], cfg.eval_batch_size or 4 * cfg.batch_size, env.rank,
-                                     env.world_size, cfg.workers, device.type == "cuda")
+    val_loader, chunks = eval_loader(splits["val"], eval_batch_size(cfg), env.rank, env.world_size, cfg.workers,
+                                     device.type == "cuda", collates["val"], eval_seed(task, cfg))
+    val_loader = NamedErrors(val_loader, lambda e: batch_error(comm, origin, "validation", e))
     with user_code(origin.split("/")[0], cfg.task, "building its metrics"):
         evaluator = Evaluator(task, val_loader, chunks, device, comm, _autocast(cfg, strategy), cfg.channels_last,
-                              lockstep=strategy == "fsdp")
+                              lockstep=strategy == "fsdp", seed=eval_seed(task, cfg))
     _check_monitor(cfg, evaluator.names)
 
     main = env.is_main
@@ -147,7 +150,7 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     tracker = Trackers(trackers)
     report = Reporter(files, tracker, Progress(cfg.progress) if main else NullProgress())
     trainer = Trainer(task, model, wrapped, optimizer, schedule, scaler, cfg, device, _autocast(cfg, strategy),
-                      sharded=strategy == "fsdp")
+                      sharded=strategy == "fsdp", comm=comm)
     policy, state = Policy(cfg), TrainState()
 
     config = settings.to_dict()  # the same for the whole run
@@ -236,6 +239,18 @@ def resolve_batches(settings: FitConfig, world_size: int) -> FitConfig:
     per_rank = g // world_size
     accum = next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= settings.batch_size)
     return settings.replace(batch_size=per_rank // accum, grad_accum=accum)
+
+
+def eval_batch_size(cfg: FitConfig) -> int:
+    """--eval-batch-size, else the training micro-batch: evaluation holds no more activations (and
+    logits: a 50k-token vocabulary's are most of the memory) than a training step."""
+    return cfg.eval_batch_size or cfg.batch_size
+
+
+def eval_seed(task: Task, cfg: FitConfig) -> int | None:
+    """The seed of evaluation's random draws: the user's Task may draw (a masking collator); the
+    built-in tasks draw nothing and skip the seeding's cost."""
+    return None if isinstance(task, BuiltinTask) else cfg.seed
 
 
 def _autocast(cfg: FitConfig, strategy: str) -> str:

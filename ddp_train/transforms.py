@@ -7,6 +7,9 @@ Two ways in:
   generators seeded from (seed, epoch, i), so torchvision's random transforms become exact too;
 - in-memory `TensorData` sets augment whole batches at once with `padded_crop_flip`, whose
   per-sample draws come from `batch_hashes` (a counter-based hash, no generator state at all).
+A Task's collate function runs under generators seeded from (seed, epoch, first index of the
+batch) (`SeededCollate`). Evaluation uses the same seeding with the fixed epoch `EVAL_EPOCH`, so a
+masking collator or a random `eval_step` gives the same figures on every evaluation.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 MASK = 0x7FFFFFFF  # hashes stay below 2**31 so products of two fit in int64, in Python and torch alike
+EVAL_EPOCH = MASK  # the "epoch" of evaluation's seeds: apart from every training epoch
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -60,6 +64,18 @@ def seeded(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def seeded_on(device: Any, seed: int) -> Iterator[None]:
+    """`seeded`, and the CUDA generator of `device` too when it is a GPU."""
+    if getattr(device, "type", "cpu") != "cuda":
+        with seeded(seed):
+            yield
+        return
+    with torch.random.fork_rng(devices=[device]), seeded(seed):
+        torch.cuda.manual_seed(seed)
+        yield
+
+
 class EpochIndexed(Dataset):
     """Wraps a training set: the train sampler asks for `(epoch, index)`, and the sample is made
     under generators seeded from (seed, epoch, index)."""
@@ -70,10 +86,38 @@ class EpochIndexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (EVAL_EPOCH, key)
         with seeded(sample_hash(self.seed, epoch, index)):
             return self.dataset[index]
+
+
+class Keyed(Dataset):
+    """`(key, sample)` per key, so that `SeededCollate` knows which samples it batches."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> tuple[Any, Any]:
+        return key, self.dataset[key]
+
+
+class SeededCollate:
+    """The Task's collate over `Keyed` samples, under generators seeded from (seed, epoch, the
+    batch's first index): the same batch gets the same random masking on every run and resume,
+    in any loader worker (evaluation batches are fixed by sample index, so at any world size too)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any], seed: int):
+        self.collate, self.seed = collate, seed
+
+    def __call__(self, items: list[tuple[Any, Any]]) -> Any:
+        first = items[0][0] if items else 0
+        epoch, index = first if isinstance(first, tuple) else (EVAL_EPOCH, first)
+        with seeded(sample_hash(self.seed, epoch, index)):
+            return self.collate([sample for _, sample in items])
 
 
 def padded_crop_flip(x: torch.Tensor, hashes: torch.Tensor, pad: int = 4) -> torch.Tensor:

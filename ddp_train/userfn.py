@@ -7,10 +7,11 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import UsageError
 
@@ -102,6 +103,86 @@ def user_error(e: BaseException, option: str, spec: str | None, doing: str, hint
     first = str(e).splitlines()[0] if str(e) else ""
     message = f"{what} raised {type(e).__name__} while {doing}: {first}".rstrip(": ")
     return UserCodeError(f"{message}; {hint}" if hint else message, user_frames(e))
+
+
+# A DataLoader worker's exception reaches the main process with the worker's traceback as text.
+_WORKER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def where(e: BaseException) -> str:
+    """`file:line` of the innermost user frame that raised `e` (in a loader worker too), or ''."""
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
+    if "DataLoader worker" in str(e):
+        frames += [(name, int(line)) for name, line in _WORKER_FRAME.findall(str(e))]
+    mine = [f"{name}:{line}" for name, line in frames
+            if not any(part in name for part in FRAMEWORK) and "<frozen" not in name]
+    return mine[-1] if mine else ""
+
+
+def data_error(e: BaseException, option: str, doing: str) -> UserCodeError:
+    """One line for a failure while making batches (the data set's __getitem__, the Task's collate),
+    naming the user's frame; a loader worker's error by its original exception."""
+    text = str(e)
+    if "DataLoader worker" in text and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1]  # 'ValueError: ...', the worker's own exception
+    at = where(e)
+    first = text.splitlines()[0] if text else type(e).__name__
+    return UserCodeError(f"{option} raised {type(e).__name__} while {doing}{f' at {at}' if at else ''}: {first}",
+                         user_frames(e))
+
+
+def first_step_hint(e: BaseException) -> str:
+    """What a first-step failure most likely is, from its message and frames."""
+    text = str(e)
+    frames = traceback.extract_tb(e.__traceback__)
+    if "deterministic implementation" in text:
+        return "this model uses an operation without a deterministic kernel on this device: drop " \
+               "--deterministic, or replace that layer"
+    if any("/torch/optim/" in f.filename for f in frames):
+        return "the optimizer failed on the first step: check its parameters and options (Task.optimizer)"
+    if _DTYPE.search(text):
+        return "a dtype mismatch: give the model inputs of its parameters' dtype (autocast handles --precision) " \
+               "and the loss the target dtype it expects (class indices as int64 for cross-entropy)"
+    if _SHAPE.search(text):
+        return "make the model fit the batch's shapes"
+    return ""
+
+
+_DTYPE = re.compile(r"dtype|scalar type|expected (both|all) |Float|Half|BFloat16|Long but|Int but|Double", re.I)
+_SHAPE = re.compile(r"shape|size mismatch|must match the size|size of tensor|mat\d and mat\d|batch_size|"
+                    r"dimension|out of bounds|expected input|Given groups|cannot be multiplied|expanded size|"
+                    r"view size", re.I)
+
+
+class NamedErrors:
+    """An iterable of batches (a loader) whose errors while making a batch become `on_error(e)`."""
+
+    def __init__(self, batches: Any, on_error: Callable[[BaseException], BaseException]):
+        self.batches, self.on_error = batches, on_error
+
+    def __getattr__(self, name: str) -> Any:  # the loader's dataset, collate_fn, ...
+        return getattr(self.__dict__["batches"], name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return user_batches(self.batches, self.on_error)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def user_batches(batches: Iterable[Any], on_error: Callable[[BaseException], BaseException]) -> Iterator[Any]:
+    """`batches`, with an exception raised while making one (not ours) turned into `on_error(e)`."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UsageError:
+            raise
+        except Exception as e:
+            raise on_error(e) from e
+        yield batch
 
 
 @contextlib.contextmanager

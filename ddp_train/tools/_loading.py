@@ -19,7 +19,7 @@ from ..distenv import DistEnv
 from ..errors import UsageError
 from ..evaluation import Evaluator
 from ..task import BuiltinTask, Task, absolute_spec, from_config
-from ..train import _data
+from ..train import _data, eval_batch_size, eval_seed
 from ..userfn import user_code
 
 
@@ -30,6 +30,7 @@ class Loaded:
     model: torch.nn.Module
     dataset: Any
     source: str  # "checkpoint (epoch E, step S)" or "state dict"
+    collate: Any = None  # the Task's collate function for the split, if any
 
     @property
     def kind(self) -> str | None:
@@ -97,7 +98,9 @@ def load(path: str, split: str, comm: Comm, *, data: str | None, data_dir: str |
     with user_code("--task" if cfg.task else "--model", cfg.task or cfg.model, "building the model"):
         net = task.model(cfg)
     checkpoint.load_weights(net, state, path)
-    return Loaded(cfg, task, net, splits[split], source)
+    with user_code("--task" if cfg.task else "--data", cfg.task or cfg.data, "choosing its collate function"):
+        collate = task.collate(split)
+    return Loaded(cfg, task, net, splits[split], source, collate)
 
 
 def check_named_code(path: str, saved: dict[str, Any], overridden: set[str], trusted: list[str]) -> None:
@@ -126,11 +129,12 @@ def evaluator(loaded: Loaded, batch_size: int | None, env: DistEnv, comm: Comm,
               device: torch.device) -> Evaluator:
     """Fixed global chunks of `batch_size` dealt round-robin: the same figures for any world size."""
     cfg = loaded.cfg
-    size = batch_size or cfg.eval_batch_size or 4 * cfg.batch_size
+    size = batch_size or eval_batch_size(cfg)
     precision = "32" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
-    loader, chunks = eval_loader(loaded.dataset, size, env.rank, env.world_size, cfg.workers, device.type == "cuda")
+    loader, chunks = eval_loader(loaded.dataset, size, env.rank, env.world_size, cfg.workers, device.type == "cuda",
+                                 loaded.collate, eval_seed(loaded.task, cfg))
     loaded.model.to(device)
-    return Evaluator(loaded.task, loader, chunks, device, comm, precision)
+    return Evaluator(loaded.task, loader, chunks, device, comm, precision, seed=eval_seed(loaded.task, cfg))
 
 
 def renamed(results: dict[str, float], split: str) -> dict[str, float]:

@@ -161,3 +161,14 @@ def test_a_dataloader_as_a_split_is_one_clear_error():
     samples = sequences(4, seed=0)
     with pytest.raises(UsageError, match=r"the train split is a DataLoader; return its data set .*Task.collate"):
         check_sizes({"train": DataLoader(samples, collate_fn=pad_collate), "val": samples}, 1)
+
+
+def test_a_masking_training_collate_masks_the_same_tokens_after_a_resume():
+    samples = sequences(10, seed=2)
+    loader, sampler = train_loader(samples, 4, 0, 1, seed=5, workers=0, cuda=False, collate=masked_collate)
+    sampler.set_epoch(1)
+    whole = list(loader)
+    torch.rand(100)  # a resumed process's generators are elsewhere
+    sampler.set_epoch(1, 1)
+    resumed = list(loader)
+    assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(whole[1:], resumed))

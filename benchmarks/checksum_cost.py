@@ -1,8 +1,9 @@
 """What the checkpoint checksum costs, against loading the checkpoint: a 1 GB checkpoint dict
 (float32 tensors) written once with ddp_train's sealed atomic save, then, from the page cache,
 `torch.load(weights_only=True)` alone versus the CRC-32 verification that ddp_train's reader runs
-first (integrity.check_plain), and the save with and without the running checksum. Also
-hashlib.blake2b and zlib.adler32 over the same bytes, for the choice of hash.
+first (integrity.check_plain), and the atomic save with and without the running checksum (the
+saves are dominated by the disk: on a shared machine they vary several-fold between rounds).
+Also zlib.adler32, hashlib.blake2b and (where installed) xxhash's xxh3 over the same bytes.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/checksum_cost.py [--gb 1] [--repeats 3]
 """
@@ -53,11 +54,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path, plain = Path(tmp) / "last.pt", Path(tmp) / "plain.pt"
 
-        def save_plain() -> None:
-            with open(plain, "wb") as f:
+        def save_plain() -> None:  # atomic_save without the checksum: temp file, fsync, rename, fsync the folder
+            tmp = plain.with_name(".plain.pt.tmp")
+            with open(tmp, "wb") as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(tmp, plain)
+            checkpoint.fsync_dir(plain.parent)
 
         saves: dict[str, list[float]] = {"sealed": [], "unsealed": []}
         checkpoint.atomic_save(state, path)  # warm-up: the first write of a new file pays for the disk's blocks
@@ -77,6 +81,11 @@ def main() -> None:
             "adler32": timed(lambda: hash_file(path, lambda b: zlib.adler32(b)), args.repeats),
             "blake2b": timed(lambda: hash_file(path, hashlib.blake2b().update), args.repeats),
         }
+        try:  # not a dependency: measured where installed, as the faster alternative
+            import xxhash
+            others["xxh3_64"] = timed(lambda: hash_file(path, xxhash.xxh3_64().update), args.repeats)
+        except ImportError:
+            pass
     result = {
         "bytes": size, "torch": torch.__version__, "cpus": os.cpu_count(),
         "load_s": round(load, 3), "crc32_verify_s": round(verify, 3),

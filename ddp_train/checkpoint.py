@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,31 +133,48 @@ def atomic_link(src: Path, dst: Path) -> None:
 
 def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoints/step-*.pt) or start a new "
                                        "run with another --run-dir") -> dict[str, Any]:
-    """Load a file with weights_only=True after checking its checksum (where it has one); every
-    failure is one UsageError naming the fix."""
+    """Load a file with weights_only=True, checking its checksum (where it has one) before anything
+    is returned; every failure is one UsageError naming the fix."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; check the path (checkpoints live in "
                          "RUN_DIR/checkpoints/)")
-    try:
-        status = check_plain(path)
-        if status not in (None, "ok"):
-            raise UsageError(f"checkpoint {path} is corrupt ({status}); {fix}")
-        # Early checkpoints stored torch.__version__ as a TorchVersion (a str subclass): allow just that.
-        with torch.serialization.safe_globals([TorchVersion]):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if status is None and isinstance(loaded, dict) and "checksum" in loaded:
-            raise UsageError(f"checkpoint {path} is corrupt (its checksum trailer is missing); {fix}")
-        return loaded
-    except pickle.UnpicklingError as e:
+    # The checksum is computed in a thread while torch.load reads the same pages (zlib releases the
+    # GIL): with a core to spare it adds little to the load (benchmarks/checksum_cost.py).
+    with ThreadPoolExecutor(1, thread_name_prefix="ddp_train-checksum") as pool:
+        checked = pool.submit(check_plain, path)
+        loaded, error = None, None
+        try:
+            # Early checkpoints stored torch.__version__ as a TorchVersion (a str subclass): allow just that.
+            with torch.serialization.safe_globals([TorchVersion]):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # judged below, once the checksum is known
+            error = e
+        try:
+            status = checked.result()
+        except OSError as e:
+            status = f"unreadable: {e.strerror or e}"
+    if status not in (None, "ok"):
+        raise UsageError(f"checkpoint {path} is corrupt ({status}); {fix}")
+    if error is not None:
+        raise _load_error(path, error, fix) from None
+    if status is None and isinstance(loaded, dict) and "checksum" in loaded:
+        raise UsageError(f"checkpoint {path} is corrupt (its checksum trailer is missing); {fix}")
+    return loaded
+
+
+def _load_error(path: Path, e: Exception, fix: str) -> Exception:
+    """What torch.load's failure means for the user, as one line."""
+    if isinstance(e, pickle.UnpicklingError):
         if "Unsupported global" in str(e):
             found = re.search(r"GLOBAL (\S+)", str(e))
-            raise pickle_refusal(path, f"global {found.group(1) if found else '?'}") from None
-        raise UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); {fix}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, struct.error, UnicodeDecodeError) as e:
+            return pickle_refusal(path, f"global {found.group(1) if found else '?'}")
+        return UsageError(f"checkpoint {path} is corrupt (not a readable torch.save file); {fix}")
+    if isinstance(e, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
+                      TypeError, AttributeError, struct.error, UnicodeDecodeError)):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"checkpoint {path} is truncated or corrupt ({first}); {fix}") from None
+        return UsageError(f"checkpoint {path} is truncated or corrupt ({first}); {fix}")
+    return e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

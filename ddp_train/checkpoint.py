@@ -21,7 +21,7 @@ from torch.torch_version import TorchVersion
 
 from .errors import UsageError, WriteFailure, pickle_refusal
 from .integrity import ALGORITHM, Crc32Writer, check_plain
-from .safeio import failure
+from .safeio import discard, failure
 
 log = logging.getLogger("ddp_train")
 FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise failure("writing checkpoint", path, e, nbytes(obj)) from None
 
 
@@ -116,8 +116,8 @@ def nbytes(obj: Any) -> int:
 def atomic_link(src: Path, dst: Path) -> None:
     """Make `dst` another name for the complete file `src` (a copy where links are not allowed)."""
     tmp = _tmp_name(dst)
-    tmp.unlink(missing_ok=True)
     try:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)
         except OSError:
@@ -127,7 +127,7 @@ def atomic_link(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
         fsync_dir(dst.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise failure("writing checkpoint", dst, e, src.stat().st_size) from None
 
 

@@ -22,6 +22,12 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
+def discard(path: Path) -> None:
+    """Remove a temp file after a failed write; a file system that refuses (read-only) keeps it."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def failure(what: str, path: Path, error: OSError, needed: int | None) -> WriteFailure:
     return WriteFailure(what, path, error, needed, free_bytes(path.parent))
 
@@ -55,7 +61,7 @@ def replace_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise failure("writing", path, e, len(text.encode())) from None
 
 

@@ -167,11 +167,19 @@ def verify(path: str | Path, fix: str) -> None:
     if not is_complete(path):
         raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker listing its "
                          f"files: a save was interrupted, or a file is missing or truncated); {fix}")
-    for name, entry in sorted(_listed(path).items()):
+    listed = _listed(path)
+    seen = (str(path.resolve()), json.dumps(listed, sort_keys=True))
+    if seen in _VERIFIED:  # a resume checks the same checkpoint when choosing it and when loading it
+        return
+    for name, entry in sorted(listed.items()):
         problem = check_file(path / name, entry)
         if problem:
             raise UsageError(f"sharded checkpoint {path} is corrupt ({problem}); {fix}")
     read_metadata(path)
+    _VERIFIED.add(seen)
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (directory, its manifest) found intact in this process
 
 
 def _check_plain(value: Any, where: str = "extra") -> None:

@@ -1,5 +1,7 @@
-"""No hangs: a failure on rank 1 alone ends every rank, non-zero, within seconds, for each launch style."""
+"""No hangs: a failure on rank 1 alone ends every rank, non-zero, for each launch style: torchrun's agent
+ends the others itself; without an agent (Slurm steps, ranks started by hand) the watchdog does it."""
 
+import re
 import subprocess
 import time
 
@@ -48,13 +50,18 @@ def _wait_all(procs, timeout=120):
     return [p.returncode for p in procs], max(exits.values()) - min(exits.values()), err
 
 
-def test_torchrun_rank1_failure_ends_all_ranks(tiny):
+def test_torchrun_rank1_failure_fails_the_job_naming_rank1(tiny):
+    """Under torchrun the agent ends rank 0 (SIGTERM) once rank 1 exits: this checks that the job
+    fails, names rank 1 as the root cause and prints its error, not the watchdog (which the
+    launches without an agent below exercise)."""
     start = time.monotonic()
     proc = subprocess.run(fit_cmd(2, *tiny("tr", *FAIL)), env=base_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     print(f"torchrun: all ranks down {time.monotonic() - start:.1f}s after launch")
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: 1 ", root_cause), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("style", ["slurm", "by-hand"])

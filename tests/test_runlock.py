@@ -79,9 +79,17 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
 
 def test_requeued_job_waits_for_its_predecessor(tmp_path):
     _holder(tmp_path, host="node7", launch="4242", slurm_job="4242")  # still exiting on another node
-    threading.Timer(0.3, (tmp_path / LOCK_NAME).unlink).start()
+    released = threading.Event()
+
+    def predecessor_exits():
+        (tmp_path / LOCK_NAME).unlink()
+        released.set()
+
+    threading.Timer(0.3, predecessor_exits).start()
     lock = RunLock(tmp_path, "4242", "4242", wait_s=60)
     lock.acquire()
+    assert released.is_set()  # it waited for the release rather than take the live holder's lock
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
 
 

@@ -54,4 +54,5 @@ def test_evaluation_is_exact_for_any_world_size(tiny, tmp_path):
         rows = [json.loads(line) for line in (tmp_path / f"eval{n}" / "metrics.jsonl").read_text().splitlines()]
         results.append([{k: v for k, v in r.items() if k.startswith("val_")} for r in rows if r["event"] == "eval"])
     print(results)
+    assert results[0] and all(row["val_loss"] > 0 for row in results[0])  # something was evaluated
     assert results[0] == results[1] == results[2]

@@ -73,15 +73,15 @@ def test_task_from_the_command_line_with_task_args(tmp_path):
     assert set(json.loads(out.stdout)["metrics"]) == {"val_loss", "val_acc"}
 
 
-def test_fit_returns_a_result_and_restores_what_it_touched(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
+def test_fit_returns_a_result_and_restores_its_signal_handlers_and_the_root_logger(tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     root_handlers = list(logging.getLogger().handlers)
     result = fit(DictTask(hidden=8), epochs=2, batch_size=32, run_dir=str(tmp_path / "api"), progress=False)
     assert result.status == "done" and result.exit_code == 0
     assert result.step == 14 and result.epoch == 2 and result.run_dir == str(tmp_path / "api")
     assert {"val_loss", "train_loss", "epoch", "step"} <= result.metrics.keys()
     assert result.best["step"] in (7, 14) and "val_loss" in result.best
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert logging.getLogger().handlers == root_handlers
     again = fit(DictTask(hidden=8), epochs=2, batch_size=32, run_dir=str(tmp_path / "api"), progress=False)
     assert again.status == "nothing_to_do" and again.step == 14

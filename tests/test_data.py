@@ -150,6 +150,9 @@ def test_imagefolder_is_streamed_not_loaded(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "0.png")
     b = build_data(FitConfig(data="imagefolder", data_dir=str(tmp_path), image_size=8))
     assert not isinstance(b.train, TensorData)
+    black = b.train[0][0]
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "train" / "a" / "0.png")
+    assert not torch.equal(b.train[0][0], black)  # the file as it is now: read when the sample is asked for
 
 
 def test_image_size_only_for_image_folders():

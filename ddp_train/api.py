@@ -97,10 +97,11 @@ def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str |
 
 def _report(e: AgreedError, debug: bool) -> None:
     """Rank 0: the user's frames (for errors in their code; all frames with --debug), then one line."""
+    details = getattr(e, "details", "")  # UserCodeError's frames
     if debug:
         traceback.print_exc()
-    elif getattr(e, "details", ""):
-        print(e.details, end="", file=sys.stderr)
+    elif details:
+        print(details, end="", file=sys.stderr)
     print(f"error: {e}", file=sys.stderr, flush=True)
     e.reported = True
 

@@ -7,7 +7,7 @@ import inspect
 import os
 import sys
 import traceback
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
 
@@ -109,15 +109,17 @@ def _convert(text: str, types: tuple[type, ...], param: FitOption, ctx) -> Any:
 
 
 class _FitOptions:
-    """Makes a command's options (--help included) FitOptions."""
+    """Makes a command's options (--help included) FitOptions. A mixin before typer's command classes."""
+
+    params: list[Any]  # click's Command's
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for param in self.params:
             _as_fit_option(param)
 
-    def get_help_option(self, ctx):
-        return _as_fit_option(super().get_help_option(ctx))
+    def get_help_option(self, ctx: Any) -> Any:
+        return _as_fit_option(super().get_help_option(ctx))  # type: ignore[misc]  # click's Command, after the mixin
 
 
 def _as_fit_option(param: Any) -> Any:
@@ -196,7 +198,8 @@ def _fit_signature() -> inspect.Signature:
     return inspect.Signature([config] + [_option(f) for f in FIELDS.values()], return_annotation=int)
 
 
-_fit.__signature__ = _fit_signature()  # the options are FitConfig's fields: one source of truth
+# The options are FitConfig's fields: one source of truth. (typeshed's functions lack __signature__.)
+_fit.__signature__ = _fit_signature()  # type: ignore[attr-defined]
 app.command("fit", help=FIT_HELP, cls=GroupedCommand)(_fit)
 
 
@@ -210,7 +213,7 @@ def _register_tools() -> None:
 _register_tools()
 
 
-def _usage_message(e: Exception) -> str:
+def _usage_message(e: Any) -> str:
     """click's message; for an unknown option that other tools spell that way (`--learning-rate`),
     ours (`--lr`), which click's close-match search misses."""
     option, ctx = getattr(e, "option_name", None), getattr(e, "ctx", None)
@@ -221,6 +224,10 @@ def _usage_message(e: Exception) -> str:
         if key and option_name(key) in flags:
             return f"{e.message} (did you mean {option_name(key)}?)"
     return e.format_message()
+
+
+# click's UsageError: newer typer vendors its own click, and exports only BadParameter of its errors.
+_CLICK_USAGE_ERROR = cast("type[Exception]", typer.BadParameter.__base__)
 
 
 def _command_path(e: Exception, argv: list[str]) -> str:
@@ -247,17 +254,18 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         code = app(args=argv, prog_name="ddp-train", standalone_mode=False)
-    except typer.BadParameter.__base__ as e:  # click's UsageError (newer typer vendors its own click)
+    except _CLICK_USAGE_ERROR as e:
         say(f"{_usage_message(e)} (see `{_command_path(e, argv)} --help`)")
         code = 2
     except typer.Abort:
         code = 130
     except AgreedError as e:
         if not e.reported:
+            details = getattr(e, "details", "")  # UserCodeError's frames
             if debug and rank == 0:
                 traceback.print_exc()
-            elif getattr(e, "details", "") and rank == 0:
-                print(e.details, end="", file=sys.stderr)
+            elif details and rank == 0:
+                print(details, end="", file=sys.stderr)
             say(str(e))
         code = e.exit_code
     except RankError as e:

@@ -6,13 +6,18 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Optional
 
 from .errors import UsageError
 from .safeio import refuse_link, replace_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 
 def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str, ...] = (),

@@ -10,13 +10,14 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import FitConfig, parse_shape
 from .errors import UsageError
+from .protocols import EpochSampler, SizedDataset
 from .sampling import EvalChunks, PerSample, TrainSampler
 from .streaming import is_stream, stream_loader
 from .transforms import EpochIndexed, Keyed, SeededCollate, batch_hashes, image_transforms, padded_crop_flip
@@ -128,7 +129,7 @@ def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[Tenso
 def digits(cfg: FitConfig) -> DataBundle:
     """The 8x8 handwritten digits (1,797 images) shipped inside scikit-learn: no download."""
     spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is not None and path.exists():
         with gzip.open(path, "rt") as f:
             rows = torch.tensor([[float(v) for v in line.split(",")] for line in f])
@@ -283,17 +284,18 @@ def _user_data(cfg: FitConfig) -> DataBundle:
 
 def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int | None,
                  cuda: bool, global_batch: int | None = None,
-                 collate: Callable | None = None) -> tuple[Iterable, TrainSampler]:
+                 collate: Callable | None = None) -> tuple[Iterable, EpochSampler]:
     """The training loader and its sampler (set_epoch / start batch). In-memory sets are gathered a
     batch at a time; any other set (or any set with the Task's `collate`) is read per sample under
     seeds of (seed, epoch, index), and collated under a seed of (seed, epoch, first index)."""
     common = _loader_args(ds, workers, cuda, seed)
     if is_stream(ds):  # each epoch's workers are new: they get the epoch and position to start from
         return stream_loader(ds, batch_size, rank, world_size, {**common, "persistent_workers": False}, collate)
-    sampler = TrainSampler(len(ds), batch_size, rank, world_size, seed, global_batch)
+    sized = cast(SizedDataset, ds)  # map-style: not a stream
+    sampler = TrainSampler(len(sized), batch_size, rank, world_size, seed, global_batch)
     if isinstance(ds, TensorData) and collate is None:
         return _batches(ds, sampler, common), sampler
-    return _per_sample(EpochIndexed(ds, seed), PerSample(sampler), collate, seed, common), sampler
+    return _per_sample(EpochIndexed(sized, seed), PerSample(sampler), collate, seed, common), sampler
 
 
 def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, workers: int | None,
@@ -302,11 +304,12 @@ def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, worker
     and the Task's `collate` runs under a seed of (seed, the chunk's first index); None: unseeded
     (for data that draws nothing: the seeding costs ~0.1-0.5 ms per sample)."""
     in_memory = isinstance(ds, TensorData) and collate is None
-    chunks = EvalChunks(len(ds), batch_size, rank, world_size, as_lists=not in_memory)
+    sized = cast(SizedDataset, ds)  # check_sizes refused a stream
+    chunks = EvalChunks(len(sized), batch_size, rank, world_size, as_lists=not in_memory)
     common = _loader_args(ds, workers, cuda, 0)
-    if in_memory:
+    if isinstance(ds, TensorData) and collate is None:
         return _batches(ds, chunks, common), chunks
-    return _per_sample(ds if seed is None else EpochIndexed(ds, seed), chunks, collate, seed, common), chunks
+    return _per_sample(ds if seed is None else EpochIndexed(sized, seed), chunks, collate, seed, common), chunks
 
 
 def _per_sample(ds: Dataset, batches: Sampler, collate: Callable | None, seed: int | None,
@@ -315,10 +318,10 @@ def _per_sample(ds: Dataset, batches: Sampler, collate: Callable | None, seed: i
         return DataLoader(ds, batch_sampler=batches, **common)
     if seed is None:
         return DataLoader(ds, batch_sampler=batches, collate_fn=collate, **common)
-    return DataLoader(Keyed(ds), batch_sampler=batches, collate_fn=SeededCollate(collate, seed), **common)
+    return DataLoader(Keyed(cast(SizedDataset, ds)), batch_sampler=batches, collate_fn=SeededCollate(collate, seed), **common)
 
 
-def _batches(ds: TensorData, sampler: Sampler, common: dict) -> Iterable:
+def _batches(ds: TensorData, sampler: TrainSampler | EvalChunks, common: dict) -> Iterable:
     """In-memory batches: a DataLoader when it has work to do (worker processes, pinned memory),
     else the gathered batches as it would yield them, without its per-iterator and per-batch
     machinery (~60 us per epoch and more per batch: a few % of a small model's step)."""
@@ -330,7 +333,7 @@ def _batches(ds: TensorData, sampler: Sampler, common: dict) -> Iterable:
 class InMemoryBatches:
     """`[x, y]` per sampler key, a list as DataLoader's default_convert makes it."""
 
-    def __init__(self, dataset: TensorData, sampler: Sampler):
+    def __init__(self, dataset: TensorData, sampler: TrainSampler | EvalChunks):
         self.dataset, self.sampler = dataset, sampler
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
@@ -367,7 +370,7 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check_sizes(splits: dict[str, Dataset], world_size: int) -> None:
+def check_sizes(splits: dict[str, Any], world_size: int) -> None:
     if is_stream(splits["val"]):
         raise UsageError("the validation set is a stream (an IterableDataset): exact evaluation splits it by sample "
                          "index; give a map-style data set (__len__ and __getitem__) for 'val'")

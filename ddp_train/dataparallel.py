@@ -59,7 +59,7 @@ class ReplicaParallel(nn.DataParallel):
         super().__init__(Autocast(module, dtype) if dtype is not None else module)
         self._samples: list[int] = []
 
-    def scatter(self, inputs: Any, kwargs: Any, device_ids: Sequence[int]) -> Any:
+    def scatter(self, inputs: Any, kwargs: Any, device_ids: Sequence[int | torch.device]) -> Any:
         inputs, kwargs = super().scatter(inputs, kwargs, device_ids)
         self._samples = [count((i, k)) or 1 for i, k in zip(inputs, kwargs)]
         return inputs, kwargs

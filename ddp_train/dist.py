@@ -237,7 +237,7 @@ def exit_process(code: int) -> None:
            if s is not None for f in (s, getattr(s, "buffer", None), getattr(getattr(s, "buffer", None), "raw", None))}
     files = [o for o in gc.get_objects() if _IOBASE in type(o).__mro__ and id(o) not in std]
     # Text wrappers, then other Python-level files (gzip, ...), then buffers, then raw files.
-    rank = {io.TextIOWrapper: 0, io.BufferedWriter: 2, io.BufferedRandom: 2, io.BufferedReader: 2,
+    rank: dict[type, int] = {io.TextIOWrapper: 0, io.BufferedWriter: 2, io.BufferedRandom: 2, io.BufferedReader: 2,
             io.BufferedRWPair: 2, io.FileIO: 3}
     for f in sorted(files, key=lambda f: rank.get(type(f), 1)):
         with contextlib.suppress(Exception):
@@ -274,7 +274,7 @@ def bind_address(env: DistEnv) -> tuple[socket.AddressFamily, str] | None:
     spans_nodes = env.local_world_size < env.world_size
     if ipaddress.ip_address(sockaddr[0]).is_loopback and spans_nodes and not is_loopback(env.master_addr):
         return None
-    return family, sockaddr[0]
+    return family, str(sockaddr[0])  # an IP address already: typeshed allows an int for other families
 
 
 def _listen_socket(env: DistEnv) -> socket.socket | None:

@@ -199,8 +199,11 @@ def _slurm(env: Mapping[str, str]) -> dict:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
     job_id = _int(env, "SLURM_JOB_ID", 0)
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
+    leading = re.match(r"\d+", per_node)  # "4(x2)": 4 tasks on each of 2 nodes
+    if leading is None:
+        raise UsageError(f"environment variable SLURM_TASKS_PER_NODE must start with a number (got {per_node!r})")
     return dict(rank=_int(env, "SLURM_PROCID", 0), local_rank=_int(env, "SLURM_LOCALID", 0),
-                world_size=world, local_world_size=int(re.match(r"\d+", per_node).group()),
+                world_size=world, local_world_size=int(leading.group()),
                 master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
                 master_port=_int(env, "MASTER_PORT", 0) or 15000 + job_id % 20000)
 

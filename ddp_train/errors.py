@@ -1,5 +1,7 @@
 """Errors and exit codes that the command line turns into one clear line."""
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_USAGE = 2
@@ -51,7 +53,7 @@ class Stopped(SystemExit):
 
     exit_code = EXIT_PREEMPTED
 
-    def __init__(self, result: object):
+    def __init__(self, result: Any):  # a FitResult (result.py imports this module)
         super().__init__(self.exit_code)
         self.result = result
 

@@ -57,7 +57,7 @@ class Evaluator:
         stats = make_stats(n_chunks, self.device) if make_stats else None
         losses = torch.zeros(2 * n_chunks, dtype=torch.float64, device=self.device)  # loss sums, then units
         states: list[tuple[int, list[dict]]] = []
-        need_outputs = stats is not None or self.metrics or outputs is not None
+        need_outputs = stats is not None or bool(self.metrics) or outputs is not None
         was_training = model.training
         model.eval()
         batch = None
@@ -81,8 +81,8 @@ class Evaluator:
             model.train(was_training)
         synced = torch.cat([losses, stats.tensor]) if stats is not None else losses
         self.comm.all_reduce_sum(synced)
-        units = synced[n_chunks:2 * n_chunks].sum().item()
-        results = {"val_loss": synced[:n_chunks].sum().item() / units if units else math.nan}
+        total_units = synced[n_chunks:2 * n_chunks].sum().item()
+        results = {"val_loss": synced[:n_chunks].sum().item() / total_units if total_units else math.nan}
         if stats is not None:
             stats.tensor = synced[2 * n_chunks:]
             results.update({f"val_{k}": v for k, v in stats.compute().items()})
@@ -98,6 +98,7 @@ class Evaluator:
 
     def _forward(self, model: torch.nn.Module, batch: Any, need_outputs: bool) -> tuple[torch.Tensor, Any, Any]:
         out = target = None
+        given: list[torch.Tensor]  # eval_step's optional third item: the batch's loss
         with autocast(self.device, self.precision):
             if self.one_forward or need_outputs:
                 out, target, *given = self.task.eval_step(model, batch)
@@ -127,6 +128,7 @@ class Evaluator:
         gathered = self.comm.gather_object(cpu_states(states))
 
         def compute() -> dict[str, float]:
+            assert gathered is not None  # compute runs on rank 0, which gathered
             ordered = sorted((pair for per_rank in gathered for pair in per_rank), key=lambda pair: pair[0])
             out = {}
             for i, m in enumerate(self.metrics):

@@ -14,7 +14,7 @@ it must run on all ranks, like training. `full_state_dict` / `sharded.save` are 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -134,7 +134,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
@@ -167,12 +167,12 @@ def bare_key(key: str) -> str:
     return key
 
 
-def full_state_dict(model: nn.Module, *, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, *, all_ranks: bool = False) -> dict[str, Any]:
     """Collective: the bare module's full state dict (keys as in the unwrapped model's
     state_dict(), plain CPU tensors). On rank 0 only (empty dict elsewhere) unless `all_ranks`."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
     state = get_model_state_dict(model, options=options)
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
             value = value.full_tensor()

@@ -12,10 +12,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import repair
 from .safeio import open_append, refuse_link, replace_text, writing
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bar, TaskID
+
+WandbMode = Literal["online", "offline", "disabled"]
 
 log = logging.getLogger("ddp_train")
 
@@ -58,7 +63,7 @@ class Progress:
     above it."""
 
     def __init__(self, enabled: bool, console: Any = None):
-        self._bar = None
+        self._bar: Bar | None = None
         if enabled and (console is not None or sys.stderr.isatty()):
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
@@ -67,7 +72,7 @@ class Progress:
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True,
                             console=console or Console(stderr=True))
             self._bar.start()
-        self._task = None
+        self._task: TaskID | None = None
 
     def start_epoch(self, epoch: int, epochs: int | None, total: int, done: int) -> None:
         """Epoch `epoch` of `epochs` (None: the steps end the run) begins; `done` of the run's
@@ -80,11 +85,11 @@ class Progress:
             self._bar.update(self._task, description=epoch_label(epoch, epochs), completed=done)
 
     def advance(self) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.advance(self._task)
 
     def show(self, line: str) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, info=line)
         else:
             log.info(line)
@@ -189,7 +194,7 @@ def make_tracker(project: str, name: str, run_dir: Path, config: dict[str, Any],
     wandb fails to start at all the run goes on untracked; each case says so in one warning line."""
     import os
 
-    mode = None
+    mode: WandbMode | None = None
     if not os.environ.get("WANDB_MODE") and not _wandb_key():
         log.warning("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to %s/wandb; "
                     "upload later with `wandb sync`", run_dir)
@@ -220,7 +225,7 @@ def _wandb_key() -> bool:
 
 class WandbTracker(Tracker):
     def __init__(self, project: str, name: str, run_dir: Path, config: dict[str, Any], run_id: str | None,
-                 mode: str | None = None):
+                 mode: WandbMode | None = None):
         import wandb
 
         self._wandb = wandb

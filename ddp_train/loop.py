@@ -69,7 +69,7 @@ class Trainer:
         """Forward, loss and backward for each micro-batch (gradients all-reduced on the last one
         only), then one optimizer step. Returns each micro-batch's (loss, units it averages: samples
         or `Task.count`) and whether the step was applied (False: skipped for non-finite gradients)."""
-        losses = []
+        losses: list[tuple[torch.Tensor, Any]] = []
         group = len(micro_batches)
         batches = [move_to(batch, self.device, self.channels_last) for batch in micro_batches]
         weights = self._unit_weights(batches) if self.units else None
@@ -77,6 +77,7 @@ class Trainer:
             with self._sync(last=i == group - 1):
                 with autocast(self.device, self.precision):
                     loss = self.task.loss(self.wrapped, batch)
+                units: torch.Tensor | int
                 if weights is not None:
                     units, weight = weights[0][i], weights[1][i]
                     scaled = loss * weight.to(loss.dtype)
@@ -279,7 +280,8 @@ def train(run: Loop, on_preempt: Callable[[], None]) -> tuple[str, dict[str, flo
     world_size = comm.env.world_size
     seen = st.step * cfg.batch_size * cfg.grad_accum * world_size
     t0 = t_log = time.perf_counter()
-    seen_log, first_step, last_row = seen, True, {}
+    last_row: dict[str, Any] = {}
+    seen_log, first_step = seen, True
 
     def sync_loss() -> None:
         total_loss, samples, bad = window.sync()

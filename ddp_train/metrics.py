@@ -69,7 +69,7 @@ class RegressionStats:
 
 
 # --metrics names for the built-in tasks: torchmetrics classes and their arguments.
-NAMED = {
+NAMED: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     CLASSIFICATION: {
         "auroc": ("MulticlassAUROC", {}), "ap": ("MulticlassAveragePrecision", {}),
         "top3": ("MulticlassAccuracy", {"top_k": 3}), "top5": ("MulticlassAccuracy", {"top_k": 5}),

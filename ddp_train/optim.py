@@ -44,6 +44,7 @@ def build_optimizer(cfg: FitConfig, model: nn.Module) -> torch.optim.Optimizer:
     --weight-decay (and --momentum for sgd)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    cls: type[torch.optim.Optimizer]
     if cfg.optimizer == "sgd":
         cls, kwargs["momentum"] = torch.optim.SGD, cfg.momentum
     else:
@@ -68,7 +69,7 @@ def build_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, steps: Ste
     if cfg.scheduler == "step" and steps.per_epoch is None:
         raise UsageError("--scheduler step counts epochs, but streaming data has no epoch length; use "
                          "--scheduler cosine or linear (over --max-steps), or a Task.scheduler of your own")
-    main = None
+    main: torch.optim.lr_scheduler.LRScheduler | None = None
     if cfg.scheduler == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
     elif cfg.scheduler == "linear":
@@ -162,7 +163,7 @@ def describe_schedule(schedule: Schedule | None) -> dict[str, Any] | None:
 
 def _describe_scheduler(scheduler: Any) -> dict[str, Any]:
     state = scheduler.state_dict()
-    out = {"class": _class_name(scheduler)}
+    out: dict[str, Any] = {"class": _class_name(scheduler)}
     out.update({k: _plain(v) for k, v in sorted(state.items()) if k not in _PROGRESS and _is_setting(v)})
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if lambdas:
@@ -178,7 +179,7 @@ def describe(optimizer: torch.optim.Optimizer, schedule: Schedule | None) -> dic
     return {"optimizer": describe_optimizer(optimizer), "scheduler": describe_schedule(schedule)}
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """Where two descriptions differ, as 'path old -> new' (the first few)."""
     out: list[str] = []
     if isinstance(saved, dict) and isinstance(now, dict):

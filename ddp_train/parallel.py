@@ -64,4 +64,5 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv, compile: bool, blocks: l
         wrapped = ReplicaParallel(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
     else:
         wrapped = model
-    return torch.compile(wrapped) if compile else wrapped
+    # torch's stubs type compile()'s result as a function; of a Module it is an OptimizedModule.
+    return torch.compile(wrapped) if compile else wrapped  # type: ignore[return-value]

@@ -54,6 +54,8 @@ class Task:
     evaluates to the same figures every time, at any world size. See docs/tasks-advanced.md.
     """
 
+    _settings: dict[str, Any]  # the constructor's arguments, recorded by __new__
+
     def __new__(cls, *args: Any, **kwargs: Any) -> "Task":
         self = super().__new__(cls)
         settings: dict[str, Any] = {}

@@ -99,7 +99,7 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     if not isinstance(model, nn.Module):
         raise UsageError(f"{origin.split('/')[0]} must build a torch.nn.Module, got {type(model).__name__}")
     if cfg.init_from and ckpt is None:
-        _init_from(model, cfg)
+        _init_from(model, cfg.init_from, cfg.init_strict)
     if ckpt is not None and not sharded_run:
         checkpoint.load_weights(model, ckpt["model"], str(ckpt_path))
     model.to(device)
@@ -387,10 +387,10 @@ def _differs(key: str, saved: Any, value: Any) -> bool:
     return saved != value
 
 
-def _init_from(model: nn.Module, cfg: FitConfig) -> None:
-    state, _ = checkpoint.read(cfg.init_from, "pass another --init-from")
-    checkpoint.load_weights(model, state, f"--init-from {cfg.init_from}", strict=cfg.init_strict)
-    log.info("initialised weights from %s", cfg.init_from)
+def _init_from(model: nn.Module, path: str, strict: bool) -> None:
+    state, _ = checkpoint.read(path, "pass another --init-from")
+    checkpoint.load_weights(model, state, f"--init-from {path}", strict=strict)
+    log.info("initialised weights from %s", path)
 
 
 def _check_same_optimization(ckpt: dict[str, Any], now: dict[str, Any], path: Path) -> None:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .protocols import SizedDataset
+
 MASK = 0x7FFFFFFF  # hashes stay below 2**31 so products of two fit in int64, in Python and torch alike
 EVAL_EPOCH = MASK  # the "epoch" of evaluation's seeds: apart from every training epoch
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -80,7 +82,7 @@ class EpochIndexed(Dataset):
     """Wraps a training set: the train sampler asks for `(epoch, index)`, and the sample is made
     under generators seeded from (seed, epoch, index)."""
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: SizedDataset, seed: int):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
@@ -95,7 +97,7 @@ class EpochIndexed(Dataset):
 class Keyed(Dataset):
     """`(key, sample)` per key, so that `SeededCollate` knows which samples it batches."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: SizedDataset):
         self.dataset = dataset
 
     def __len__(self) -> int:

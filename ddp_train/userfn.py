@@ -78,6 +78,8 @@ def _import_file(path: Path, option: str, spec: str) -> Any:
         return sys.modules[name]
     sys.path.insert(0, str(path.resolve().parent))  # the file's own imports of its neighbours
     module_spec = importlib.util.spec_from_file_location(name, path)
+    # A path (not a package name) always yields a spec with a source loader.
+    assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:

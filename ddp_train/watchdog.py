@@ -136,8 +136,8 @@ class Watchdog(threading.Thread):
         return None
 
     def _declare_hung(self, rank: int, beat: str, silent_s: float) -> str:
-        _, step, host, pid = beat.split()
-        step = max(int(step), self.step())  # its last beat may predate its last step
+        _, beat_step, host, pid = beat.split()
+        step = max(int(beat_step), self.step())  # its last beat may predate its last step
         reason = (f"rank {rank} (pid {pid} on {host}) stopped responding at step {step}: no heartbeat for "
                   f"{silent_s:.0f} s (--hang-timeout {self.hang_s:g}); the job stopped rather than wait "
                   f"--timeout {self.timeout_s:g} s for it")

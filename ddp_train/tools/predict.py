@@ -56,9 +56,9 @@ def predict(
         pieces: list = []
         results = _loading.evaluator(loaded, batch_size, env, comm, device)(loaded.model, outputs=pieces)
         gathered = comm.gather_object(pieces)
-        outputs = in_order(gathered) if env.is_main else None
+        outputs = in_order(gathered) if gathered is not None else None  # rank 0's
         comm.rank0(write, path, outputs, loaded.kind, top_k, loaded.classes)
-    if env.is_main:
+    if outputs is not None:  # rank 0
         figures = " ".join(f"{k} {v:.4g}" for k, v in _loading.renamed(results, split.value).items())
         typer.echo(f"wrote {len(outputs)} predictions of the {split.value} split to {path} ({figures})", err=True)
 

@@ -36,13 +36,16 @@ def test_every_sample_once_per_epoch_on_2_ranks_x_2_workers_across_a_resume(tmp_
 
 
 @pytest.mark.parametrize("skippable", [False, True])
-def test_mid_epoch_resume_is_exact(tmp_path, skippable):
+def test_mid_epoch_resume_is_exact(tmp_path, capfd, skippable):
     """One process, 2 workers: 16 batches an epoch; stopped at step 6, resumed to 20 (epoch 2)."""
     opts = dict(batch_size=4, workers=2, progress=False, save_every_seconds=0)
     fit(StreamTask(skippable), max_steps=20, run_dir=str(tmp_path / "straight"), **opts)
     fit(StreamTask(skippable), max_steps=6, run_dir=str(tmp_path / "resumed"), **opts)
+    capfd.readouterr()
     result = fit(StreamTask(skippable), max_steps=20, run_dir=str(tmp_path / "resumed"), **opts)
     assert result.step == 20 and result.epoch == 1
+    err = capfd.readouterr().err  # it resumed: a run started over would end with the same weights too
+    assert f"resumed from {tmp_path / 'resumed'}/checkpoints/last.pt: epoch 1, step 6 (6 of the epoch's" in err, err
 
     def weights(name):
         return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]

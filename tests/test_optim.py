@@ -67,12 +67,15 @@ def _final(run_dir) -> dict:
 
 
 @pytest.mark.parametrize("strategy", ["auto", "fsdp"])  # fsdp in one process: sharded checkpoints
-def test_task_optimizer_and_epoch_schedule_resume_exactly(tmp_path, monkeypatch, strategy):
+def test_task_optimizer_and_epoch_schedule_resume_exactly(tmp_path, monkeypatch, capfd, strategy):
     opts = dict(batch_size=32, lr=0.02, progress=False, save_every_seconds=0, strategy=strategy)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     fit(OwnOptimizer(), epochs=3, run_dir=str(straight), **opts)
     fit(OwnOptimizer(), epochs=2, run_dir=str(resumed), **opts)
+    capfd.readouterr()
     fit(OwnOptimizer(), epochs=3, run_dir=str(resumed), **opts)
+    err = capfd.readouterr().err  # it resumed: a run started over would end equal too
+    assert f"resumed from {resumed}/checkpoints/last" in err and ": epoch 3, step 14 (0 of the epoch" in err, err
     a, b = _final(straight), _final(resumed)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     if strategy != "fsdp":

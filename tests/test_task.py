@@ -164,7 +164,8 @@ def test_augmented_resume_is_bit_exact_for_any_worker_count(tmp_path, opts):
         run_fit(1, *opts, "--workers", str(workers), "--run-dir", str(full))
         mid = full / "checkpoints" / "step-00000012.pt"
         assert 0 < _ckpt(mid)["batch_in_epoch"]
-        run_fit(1, *opts, "--workers", str(workers), "--run-dir", str(resumed), "--resume", str(mid))
+        proc = run_fit(1, *opts, "--workers", str(workers), "--run-dir", str(resumed), "--resume", str(mid))
+        assert f"resumed from {mid}: epoch 1, step 12 " in proc.stderr, proc.stderr
         _same_weights(full, resumed)
     _same_weights(tmp_path / "full0", tmp_path / "full2")
     plain = tmp_path / "plain"

@@ -27,16 +27,52 @@ from .task import Task
 
 def fit(task: Task | None = None, cfg: FitConfig | None = None, *, config: str | None = None,
         **options: Any) -> FitResult:
-    """Train `task` (default: the built-in task of --data/--model) with `options`, which take the
-    names of `ddp-train fit`'s options (epochs=3, batch_size=32, ...), or a whole FitConfig as `cfg`.
-    `config` names a TOML file of options, as --config does.
+    """Train `task` on every process of this launch (python, torchrun or srun), resuming its run
+    directory's latest checkpoint when there is one.
 
-    Returns a FitResult (status done, early_stop or nothing_to_do). Raises:
-      UsageError: bad input (its message is the command line's `error:` line);
-      TrainingError: training cannot go on (e.g. a non-finite loss);
-      Preempted / Interrupted (ddp_train.Stopped, a SystemExit with code 3 / 130): SIGTERM or
-        --preempt-signal / Ctrl-C stopped the run once its checkpoint was durable; calling fit the
-        same way again continues it. Uncaught, the script exits with that code and no traceback.
+    Must be called on all processes of the job, with the same arguments: it joins them into one
+    process group, and every collective it runs needs every rank.
+
+    Args:
+        task: an instance of your `Task` subclass (not the class). None: the built-in task that
+            --data/--model (or --task) describe.
+        cfg: a whole `FitConfig`; `options` and `config`, if also given, override its fields.
+        config: a TOML file of options, as `ddp-train fit --config` reads it (options override it).
+        **options: `FitConfig` fields by name, as `ddp-train fit`'s options are named with `_` for
+            `-` (epochs=3, batch_size=32, run_dir="runs/x", ...).
+
+    Returns:
+        A `FitResult` with status "done", "early_stop" or "nothing_to_do" (the run directory's
+        checkpoint had already finished the run), the steps and epochs taken, the last
+        evaluation's metrics and the newest checkpoint.
+
+    Raises:
+        TypeError: `task` is not a `Task` instance (or is the class itself).
+        UsageError: bad input (an unknown option or one of the wrong type, data that does not fit
+            the model, a resume that would change the run); its message is the command line's
+            `error:` line.
+        TrainingError: training cannot go on (a non-finite training or validation loss, too many
+            steps in a row with non-finite gradients).
+        PeerFailure: another rank of the job died; its own log says why (RankError on the rank
+            whose own error it is, e.g. an out-of-memory).
+        Preempted: SIGTERM or --preempt-signal stopped the run once its checkpoint was durable
+            (a `Stopped`, which is a SystemExit with code 3); calling `fit` the same way again
+            continues it. Uncaught, the script exits with code 3 and no traceback.
+        Interrupted: Ctrl-C, likewise (exit code 130).
+
+    Example::
+
+        from ddp_train import Task, fit
+
+        class Digits(Task):
+            def data(self, cfg): ...
+            def model(self, cfg): ...
+
+        result = fit(Digits(), epochs=3, batch_size=32, run_dir="runs/digits")
+        print(result.status, result.metrics["val_loss"], result.checkpoint)
+
+    Run the same script under `torchrun --nproc-per-node 4 script.py` for four processes: the
+    launch is read from the environment.
     """
     import torch
 

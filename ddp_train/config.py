@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Optional
@@ -29,6 +30,28 @@ def opt(default: Any, help: str, *, min: float | None = None, choices: tuple[str
 
 @dataclass(frozen=True)
 class FitConfig:
+    """The settings of one `fit`: frozen, validated when built, saved as the run's config.json.
+
+    Each field is an option of `ddp-train fit` (`batch_size` is --batch-size) and a keyword of
+    `fit()`. Its help text is written once, on the field (`opt(default, help)`): it is the option's
+    line in `ddp-train fit --help` and the field's line under Attributes below, which is generated
+    from the fields when this module is imported.
+
+    Raises:
+        UsageError: a value outside its range or choices, or options that contradict each other
+            (--task with --data or --model, --task-arg without --task).
+
+    Example::
+
+        from ddp_train import FitConfig, fit
+
+        cfg = FitConfig(epochs=3, batch_size=32, run_dir="runs/small")
+        fit(cfg=cfg)                       # the built-in task (--data digits)
+        fit(cfg=cfg.replace(lr=3e-4))      # a new, validated config
+
+    Attributes:
+    """
+
     # the user's own training job
     task: str | None = opt(None, "Your Task class, package.module:Class or path/to/file.py:Class (instead of "
                            "--data/--model).")
@@ -163,14 +186,17 @@ class FitConfig:
             raise UsageError("--resume must be auto, never or a checkpoint path")
 
     def monitor_mode(self) -> str:
+        """"min" or "max": whether a lower --monitor is better (--mode auto: max for accuracy, F1, R2)."""
         if self.mode != "auto":
             return self.mode
         return "max" if any(k in self.monitor for k in ("acc", "f1", "r2")) else "min"
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as config.json records them."""
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "FitConfig":
+        """A copy with `changes` applied, validated again (UsageError when a value is refused)."""
         return dataclasses.replace(self, **changes)
 
 
@@ -193,6 +219,17 @@ def parse_shape(text: str, what: str) -> tuple[int, ...]:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
+
+
+def _attribute_lines() -> str:
+    """FitConfig's Attributes section: each field's option, default and --help text."""
+    return "\n".join(textwrap.fill(f"{name} ({option_name(name)}, default {f.default!r}): {f.metadata['help']}",
+                                   width=100, initial_indent=" " * 8, subsequent_indent=" " * 12,
+                                   break_on_hyphens=False, break_long_words=False)
+                     for name, f in FIELDS.items()) + "\n"
+
+
+FitConfig.__doc__ = (FitConfig.__doc__ or "").rstrip(" ") + _attribute_lines()
 
 # Settings that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({

@@ -52,6 +52,29 @@ class Task:
     one forward per batch even when the Task overrides `loss()`. Randomness during evaluation (a
     masking collator, random ops in `eval_step`) is seeded from (seed, sample index): a checkpoint
     evaluates to the same figures every time, at any world size. See docs/tasks-advanced.md.
+
+    The constructor's arguments are the Task's settings (`settings`): recorded in config.json,
+    checked on resume, and given again by the tools that rebuild the Task from a checkpoint.
+
+    Example::
+
+        import torch
+        from torch import nn
+        from ddp_train import Task, TensorData, fit
+
+        class Regression(Task):
+            def __init__(self, width: int = 32):
+                self.width = width
+
+            def data(self, cfg):
+                x = torch.randn(1000, 8)
+                y = x.sum(1, keepdim=True)
+                return {"train": TensorData(x[:800], y[:800]), "val": TensorData(x[800:], y[800:])}
+
+            def model(self, cfg):
+                return nn.Sequential(nn.Linear(8, self.width), nn.ReLU(), nn.Linear(self.width, 1))
+
+        fit(Regression(width=64), epochs=5)  # float targets: mean squared error
     """
 
     _settings: dict[str, Any]  # the constructor's arguments, recorded by __new__
@@ -74,18 +97,104 @@ class Task:
         return self
 
     def data(self, cfg: FitConfig) -> dict[str, Any]:
+        """Build the data sets. Called on every rank (with --download, rank 0 first: one download).
+
+        Args:
+            cfg: the run's settings (e.g. `cfg.data_dir`, `cfg.seed`).
+
+        Returns:
+            {"train": ds, "val": ds} and optionally "test": map-style data sets (`__len__` and
+            `__getitem__`; "train" may also be an IterableDataset, a stream) whose samples are
+            tensors or tuples/lists/dicts of them. ddp_train builds the loaders: give data sets, not
+            DataLoaders.
+
+        Raises:
+            NotImplementedError: not overridden (every Task must define it).
+
+        Example::
+
+            def data(self, cfg):
+                train = torchvision.datasets.MNIST(cfg.data_dir, train=True, transform=ToTensor())
+                val = torchvision.datasets.MNIST(cfg.data_dir, train=False, transform=ToTensor())
+                return {"train": train, "val": val}
+        """
         raise NotImplementedError(f"{type(self).__name__}.data(cfg) must return {{'train': ds, 'val': ds}}")
 
     def model(self, cfg: FitConfig) -> nn.Module:
+        """Build the bare model: ddp_train moves it to the device and wraps it (DDP, FSDP2,
+        DataParallel). Called on every rank (with --pretrained, rank 0 first: one download).
+
+        Args:
+            cfg: the run's settings.
+
+        Returns:
+            The `nn.Module`, unwrapped.
+
+        Raises:
+            NotImplementedError: not overridden (every Task must define it).
+
+        Example::
+
+            def model(self, cfg):
+                return torchvision.models.resnet18(num_classes=10)
+        """
         raise NotImplementedError(f"{type(self).__name__}.model(cfg) must return an nn.Module")
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of one batch (per rank, per micro-batch).
+
+        Args:
+            model: the wrapped model: call it, do not unwrap it (DDP and FSDP sync in its forward).
+            batch: one batch, on the training device.
+
+        Returns:
+            A scalar tensor: the mean over the batch's samples (or over `count(batch)` units).
+            Default: `criterion(*eval_step(model, batch))`.
+
+        Example::
+
+            def loss(self, model, batch):
+                logits = model(batch["input_ids"])
+                return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        """
         return self.criterion(*self.eval_step(model, batch))
 
     def metrics(self) -> dict[str, Any]:
+        """The evaluation's metrics, computed exactly over the whole validation set at any world size.
+
+        Returns:
+            {name: torchmetrics.Metric}, fed `eval_step`'s (outputs, targets) and reported as
+            val_<name>. Default: none (val_loss, and the built-in tasks' accuracy).
+
+        Example::
+
+            def metrics(self):
+                from torchmetrics.classification import MulticlassF1Score
+                return {"f1": MulticlassF1Score(num_classes=10, average="macro")}
+        """
         return {}
 
     def eval_step(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
+        """The evaluation forward of one batch, under torch.no_grad() and model.eval().
+
+        Args:
+            model: the wrapped model.
+            batch: one batch, on the device.
+
+        Returns:
+            (outputs, targets), which feed `metrics()` and `criterion`; or (outputs, targets, loss)
+            to give the batch's loss too (one forward even when `loss()` is overridden).
+            Default: for a batch (x, y), `(model(x), y)`.
+
+        Raises:
+            UsageError: (default only) the batch is not an (input, target) pair.
+
+        Example::
+
+            def eval_step(self, model, batch):
+                logits = model(batch["input_ids"])
+                return logits.argmax(-1), batch["labels"]
+        """
         if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
             raise UsageError(f"{type(self).__name__}: batches are not (input, target) pairs; define the "
                              "Task's loss(model, batch) and eval_step(model, batch) for them")
@@ -93,6 +202,25 @@ class Task:
         return model(x), y
 
     def criterion(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The mean loss of `eval_step`'s outputs against its targets. Defining it lets evaluation
+        take loss and metrics from one forward.
+
+        Args:
+            outputs: the model's outputs, as `eval_step` returns them.
+            targets: the batch's targets.
+
+        Returns:
+            A scalar tensor. Default: cross-entropy for integer targets, else mean squared error.
+
+        Raises:
+            UsageError: (default only) the outputs are not a tensor.
+            LabelError: (default only) an integer label outside the model's outputs.
+
+        Example::
+
+            def criterion(self, outputs, targets):
+                return nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1)
+        """
         if not isinstance(outputs, torch.Tensor):
             raise UsageError(f"{type(self).__name__}: the model returns a {type(outputs).__name__}, not a "
                              "tensor of outputs; define the Task's loss(model, batch) (and eval_step)")
@@ -109,6 +237,21 @@ class Task:
         return nn.functional.mse_loss(outputs.float(), targets.view_as(outputs).float())
 
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        """The modules that --strategy fsdp shards one by one (each gathers its parameters only
+        for its own forward and backward).
+
+        Args:
+            model: the bare model that `model(cfg)` built.
+
+        Returns:
+            A list of submodules, or None for the default: the model's top-level children that hold
+            parameters.
+
+        Example::
+
+            def blocks(self, model):
+                return list(model.transformer.h)  # one unit per transformer block
+        """
         return None
 
     # Names of `log` values to average over every rank (and over the steps since the last
@@ -123,7 +266,22 @@ class Task:
         tensor is read only when written, so logging adds no host sync per step. The last value of
         a name in a step counts. A name listed in the class's `synced_logs` is asked to be synced
         instead: its mean over every rank and the steps since the last --log-every step is written
-        at that step (one all-reduce per --log-every steps)."""
+        at that step (one all-reduce per --log-every steps).
+
+        Args:
+            name: the value's name (`task/<name>` in TensorBoard and wandb).
+            value: a number or a one-element tensor.
+
+        Raises:
+            TypeError: `value` is neither a number nor a one-element tensor.
+
+        Example::
+
+            def loss(self, model, batch):
+                out, aux = model(batch[0])
+                self.log("aux_loss", aux)
+                return nn.functional.cross_entropy(out, batch[1]) + 0.01 * aux
+        """
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                 or isinstance(value, torch.Tensor) and value.numel() == 1):
             raise TypeError(f"{type(self).__name__}.log({name!r}, ...) takes a number or a one-element tensor, "
@@ -135,32 +293,87 @@ class Task:
         """Build the optimizer from `model`'s parameters (the sharded ones under FSDP: build it here,
         not in `model()`). Any torch.optim class and parameter groups, e.g. no weight decay on biases
         and norm weights. Recorded in config.json by class and per-group hyper-parameters; a resume
-        refuses a different one. None: the built-in --optimizer."""
+        refuses a different one.
+
+        Args:
+            model: the model to optimize (sharded under FSDP).
+            cfg: the run's settings (`cfg.lr`, `cfg.weight_decay`, ...).
+
+        Returns:
+            A torch.optim.Optimizer, or None for the built-in --optimizer.
+
+        Example::
+
+            def optimizer(self, model, cfg):
+                decay = [p for p in model.parameters() if p.dim() >= 2]
+                no_decay = [p for p in model.parameters() if p.dim() < 2]
+                return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        """
         return None
 
     def scheduler(self, optimizer: torch.optim.Optimizer, cfg: FitConfig, steps: Any) -> Any:
         """Build the learning-rate schedule of `optimizer`: return a torch.optim.lr_scheduler
         scheduler (stepped after every optimizer step) or (scheduler, "epoch") (stepped after every
         epoch). `steps.total` is the run's optimizer steps, `steps.per_epoch` an epoch's (None for
-        streaming data). Saved and restored with checkpoints. None: the built-in --scheduler."""
+        streaming data). Saved and restored with checkpoints.
+
+        Args:
+            optimizer: the run's optimizer (this Task's `optimizer`, or the built-in one).
+            cfg: the run's settings.
+            steps: the run's step plan: `steps.total`, `steps.per_epoch`.
+
+        Returns:
+            A scheduler, (scheduler, "epoch"), or None for the built-in --scheduler.
+
+        Example::
+
+            def scheduler(self, optimizer, cfg, steps):
+                return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps.total)
+        """
         return None
 
     def collate(self, split: str) -> Callable[[list[Any]], Any] | None:
         """The collate function for `split` ("train", "val" or "test"), or None for torch's default
         (which stacks equal-shaped samples). Runs in the loader workers when --workers > 0, so it
-        must pickle there (a function, or an object such as a Hugging Face collator)."""
+        must pickle there (a function, or an object such as a Hugging Face collator).
+
+        Args:
+            split: "train", "val" or "test".
+
+        Returns:
+            A function from a list of samples to a batch, or None for torch's default.
+
+        Example::
+
+            def collate(self, split):
+                return DataCollatorForLanguageModeling(self.tokenizer, mlm=False)
+        """
         return None
 
     def count(self, batch: Any) -> int | torch.Tensor:
         """How many units `loss(model, batch)` is a mean over: valid tokens for a padded token loss,
         e.g. `(batch["labels"][:, 1:] != -100).sum()`. The default, the batch's samples, keeps the
         per-batch weighting (no extra collective per step). The loss must stay finite when the
-        count is 0 (its weight is then 0)."""
+        count is 0 (its weight is then 0).
+
+        Args:
+            batch: one batch, on the device.
+
+        Returns:
+            An int or a scalar integer tensor (a tensor keeps the step free of host syncs).
+
+        Example::
+
+            def count(self, batch):
+                return (batch["labels"][:, 1:] != -100).sum()
+        """
         return samples(batch)
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The constructor's arguments: what config.json records as task_args."""
+        """The constructor's arguments by name, defaults included: what config.json records as
+        task_args, what a resume checks, and what the tools pass to rebuild the Task."""
         return dict(getattr(self, "_settings", {}))
 
 

@@ -115,9 +115,17 @@ class SyncedLogs(DictTask):
         return loss
 
 
-def test_a_synced_value_is_the_mean_over_ranks_and_steps_at_each_log_step(tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_synced_value_is_the_mean_over_ranks_and_steps_at_each_log_step(tmp_path, nproc):
+    """On 2 ranks the train loss is the mean over both ranks' samples: a value not averaged over the
+    ranks would be rank 0's alone and miss it."""
     run_dir = tmp_path / "run"
-    fit(SyncedLogs(), max_steps=6, batch_size=16, log_every=2, run_dir=str(run_dir), progress=False)
+    if nproc == 1:
+        fit(SyncedLogs(), max_steps=6, batch_size=16, log_every=2, run_dir=str(run_dir), progress=False)
+    else:
+        from conftest import run_fit
+        run_fit(2, "--task", "tests.test_logging:SyncedLogs", "--max-steps", "6", "--batch-size", "16",
+                "--log-every", "2", "--run-dir", str(run_dir), "--no-progress")
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {e["step"]: e["loss"] for e in events if e["event"] == "train"}
     synced = {e["step"]: e["twice_loss"] for e in events if e["event"] == "task" and "twice_loss" in e}

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ import torch
 import typer
 
 import ddp_train
-from conftest import ROOT, run_fit
+from conftest import ROOT, base_env, fit_cmd, free_port, run_fit
 from ddp_train import cli
 
 CUDA = torch.cuda.is_available()
@@ -305,7 +306,8 @@ def test_debug_shows_the_traceback(tmp_path, capfd):
 @pytest.mark.slow
 def test_more_ranks_than_validation_samples(tmp_path):
     """Every rank finds the problem and exits 2; rank 0 alone says so. (torchrun then exits 1 with
-    its own ChildFailedError report, which lists each worker's exit code.)"""
+    its own ChildFailedError report, which lists each worker's exit code; as it may SIGTERM the
+    second worker first, "every rank" is checked on two processes started without an agent.)"""
     proc = run_fit(2, *tiny_opts(tmp_path / "run", "--val-samples", "1"), check=False)
     output = proc.stdout + proc.stderr
     errors = [ln for ln in output.splitlines() if "error:" in ln]
@@ -317,6 +319,14 @@ def test_more_ranks_than_validation_samples(tmp_path):
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
     assert "2" in codes and set(codes) <= {"2", "-15"}, output
     assert os.path.join(ROOT, "ddp_train", "") not in output, output  # torchrun's traceback only, none from a worker
+    port = str(free_port())
+    pair = [subprocess.Popen(fit_cmd(1, *tiny_opts(tmp_path / "pair", "--val-samples", "1")), cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank)))
+            for rank in range(2)]
+    outs = [p.communicate(timeout=180) for p in pair]
+    assert [p.returncode for p in pair] == [2, 2], outs
+    assert "error:" not in outs[1][1] and outs[0][1].count("error: the validation set has 1 samples") == 1, outs
 
 
 def test_user_frames_are_told_apart_from_the_frameworks_by_folder_not_by_name(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import common  # noqa: F401  (puts the checkout's ddp_train on sys.path)
-from ddp_train import checkpoint
+from ddp_train.checkpoint import plain, state as ckpt_state
 from ddp_train.models import cnn, mlp
 
 
@@ -27,7 +27,7 @@ def state_of(model: torch.nn.Module) -> dict:
         p.grad = torch.randn_like(p)
     opt.step()
     return {"version": 1, "step": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": [checkpoint.rng_state()]}
+            "rng": [ckpt_state.rng_state()]}
 
 
 def main() -> None:
@@ -41,9 +41,9 @@ def main() -> None:
             snap, write = [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                s = checkpoint._snapshot(state)
+                s = ckpt_state.snapshot(state)
                 t1 = time.perf_counter()
-                checkpoint.write(s, folder, best=True, step_file=False, keep=1)
+                plain.write(s, folder, best=True, step_file=False, keep=1)
                 t2 = time.perf_counter()
                 snap.append(t1 - t0)
                 write.append(t2 - t1)

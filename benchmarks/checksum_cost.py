@@ -24,6 +24,7 @@ import torch
 
 import common  # noqa: F401  (puts the checkout's ddp_train on sys.path)
 from ddp_train import checkpoint, integrity
+from ddp_train.checkpoint.atomic import fsync_dir
 
 
 def timed(fn, repeats: int) -> float:
@@ -61,7 +62,7 @@ def main() -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, plain)
-            checkpoint.fsync_dir(plain.parent)
+            fsync_dir(plain.parent)
 
         saves: dict[str, list[float]] = {"sealed": [], "unsealed": []}
         checkpoint.atomic_save(state, path)  # warm-up: the first write of a new file pays for the disk's blocks

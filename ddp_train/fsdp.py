@@ -8,7 +8,7 @@ Ordering for a training loop (all ranks, same order):
   3. create the optimizer from `model.parameters()` (it must see the sharded parameters);
   4. forward/backward on every rank; `clip_grad_norm`; `optimizer.step()`.
 Evaluation can call the sharded model on every rank (each forward all-gathers what it needs), so
-it must run on all ranks, like training. `full_state_dict` / `sharded.save` are collectives too.
+it must run on all ranks, like training. `full_state_dict` / `checkpoint.sharded.save` are collectives too.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .dist import Comm
 from .errors import PEER_LOST, RankError, TrainingError
 from .evaluation import Evaluator, autocast
 from .gpumem import named_oom, peaks
-from .checkpoint import Checkpointer
+from .checkpoint.saver import Checkpointer
 from .log import Reporter
 from .optim import Schedule
 from .streaming import need_max_steps

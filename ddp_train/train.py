@@ -116,7 +116,7 @@ def _run(settings: FitConfig, task: Task, env: DistEnv, comm: Comm, preempt: Any
     if ckpt is not None:
         _check_same_optimization(ckpt, optimization, ckpt_path)
     if ckpt is not None and sharded_run:  # DCP reshards: any world size reads it
-        from . import sharded
+        from .checkpoint import sharded
 
         # After the schedule is built, as a plain checkpoint's optimizer state is (in _restore):
         # a schedule built on loaded rates would take them for its base rates.
@@ -303,7 +303,7 @@ def prepare_run_dir(cfg: FitConfig, env: DistEnv, held: contextlib.ExitStack) ->
     checkpoint.clean_temp_files(ckpt_dir)
     resume = cfg.resume
     if env.restart_count > 0:  # a restart or requeue of this very launch continues its own run
-        latest = checkpoint.find_latest_any(ckpt_dir, cfg.strategy == "fsdp")
+        latest = checkpoint.latest(ckpt_dir, cfg.strategy == "fsdp")
         if latest is not None:
             return run_dir, latest
         cfg = cfg.replace(overwrite=True)  # nothing was saved yet: the partial files may go
@@ -319,7 +319,7 @@ def prepare_run_dir(cfg: FitConfig, env: DistEnv, held: contextlib.ExitStack) ->
             path.unlink(missing_ok=True)
         checkpoint.remove_all(ckpt_dir)
         return run_dir, None
-    latest = checkpoint.find_latest_any(ckpt_dir, sharded_run)
+    latest = checkpoint.latest(ckpt_dir, sharded_run)
     if latest is None:
         _check_other_strategy(run_dir, cfg.strategy)
     return run_dir, latest
@@ -331,7 +331,7 @@ def _check_other_strategy(run_dir: Path, strategy: str) -> None:
     optimizer state's layout differs); an FSDP run resumes on any number of processes (DCP reshards)."""
     sharded_run = strategy == "fsdp"
     try:
-        other = checkpoint.find_latest_any(run_dir / "checkpoints", not sharded_run)
+        other = checkpoint.latest(run_dir / "checkpoints", not sharded_run)
     except UsageError:
         return  # none of them readable: nothing to continue
     if other is None:

@@ -93,15 +93,15 @@ def test_disk_full_while_writing_run_files_names_the_file(small_disk):
 
 
 def test_a_read_only_file_system_is_one_line_and_keeps_the_checkpoint(small_disk):
-    from ddp_train import checkpoint
+    from ddp_train.checkpoint import plain
 
     ckpt_dir = small_disk / "checkpoints"
     ckpt_dir.mkdir()
-    state = {"version": checkpoint.FORMAT_VERSION, "step": 2, "model": {"w": torch.ones(1000)}}
-    checkpoint.write(state, ckpt_dir, best=False, step_file=False, keep=1)
+    state = {"version": plain.FORMAT_VERSION, "step": 2, "model": {"w": torch.ones(1000)}}
+    plain.write(state, ckpt_dir, best=False, step_file=False, keep=1)
     before = (ckpt_dir / "last.pt").read_bytes()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # a read-only remount
     with pytest.raises(WriteFailure) as failure:
-        checkpoint.write({**state, "step": 4}, ckpt_dir, best=False, step_file=False, keep=1)
+        plain.write({**state, "step": 4}, ckpt_dir, best=False, step_file=False, keep=1)
     assert str(failure.value).startswith(f"writing checkpoint {ckpt_dir / 'last.pt'} failed: Read-only file system")
     assert (ckpt_dir / "last.pt").read_bytes() == before and [p.name for p in ckpt_dir.iterdir()] == ["last.pt"]

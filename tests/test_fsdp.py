@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from conftest import BIN, ROOT, base_env
-from ddp_train import fsdp, sharded
+from ddp_train import checkpoint, fsdp
+from ddp_train.checkpoint import sharded
 from ddp_train.errors import UsageError
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -89,7 +90,7 @@ def test_replace_copies_and_purge(tmp_path):
     assert sharded.read_extra(tmp_path / "best")["step"] == 2
     assert (tmp_path / "last" / "extra.pt").stat().st_ino == (tmp_path / "step-00000003" / "extra.pt").stat().st_ino
     assert sharded.candidates(tmp_path) == [tmp_path / "last", tmp_path / "step-00000003", tmp_path / "step-00000002"]
-    assert sharded.find_latest(tmp_path) == tmp_path / "last"
+    assert checkpoint.latest(tmp_path, sharded=True) == tmp_path / "last"
 
 
 def test_replace_without_atomic_swap_and_crash_recovery(tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_replace_without_atomic_swap_and_crash_recovery(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     # A crash between "rename old away" and "rename new in": the old one is still found...
     os.rename(tmp_path / "last", tmp_path / ".last.old")
-    assert sharded.find_latest(tmp_path) == tmp_path / ".last.old"
+    assert checkpoint.latest(tmp_path, sharded=True) == tmp_path / ".last.old"
     # ...and the next save restores it first, then replaces it.
     sharded._recover(tmp_path)
     assert sharded.is_complete(tmp_path / "last") and not (tmp_path / ".last.old").exists()
@@ -181,7 +182,7 @@ def test_checkpoint_layout_and_export(reference):
     assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last", "step-00000010"]  # keep=1
     assert sorted(p.name for p in (ckpt / "last").iterdir()) == [
         ".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "extra.pt"]
-    assert sharded.read_extra(ckpt / "best")["step"] == 5 and sharded.find_latest(ckpt) == ckpt / "last"
+    assert sharded.read_extra(ckpt / "best")["step"] == 5 and checkpoint.latest(ckpt, sharded=True) == ckpt / "last"
     exported = sharded.export(ckpt / "last")
     fsdp_worker.Net().load_state_dict(exported, strict=True)
     assert equal(exported, ref["full10"])
@@ -236,5 +237,5 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     half = ckpt / ".last.tmp"
     assert (half / ".metadata").is_file() and (half / "extra.pt").is_file() and not sharded.is_complete(half)
     assert sharded.is_complete(ckpt / "last") and sharded.read_extra(ckpt / "last")["step"] == 5
-    assert sharded.find_latest(ckpt) == ckpt / "last"
+    assert checkpoint.latest(ckpt, sharded=True) == ckpt / "last"
     fsdp_worker.Net().load_state_dict(sharded.export(ckpt / "last"), strict=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_train import checkpoint, sharded
+from ddp_train import checkpoint
+from ddp_train.checkpoint import plain, sharded
 from ddp_train.errors import UsageError
 from ddp_train.integrity import ALGORITHM
 
@@ -58,7 +59,7 @@ def _positions(size: int, rng: random.Random) -> list[int]:
 
 
 def test_a_flipped_byte_anywhere_in_a_plain_checkpoint_is_detected(tmp_path):
-    checkpoint.write(_state(4), tmp_path, best=False, step_file=False, keep=1)
+    plain.write(_state(4), tmp_path, best=False, step_file=False, keep=1)
     path = tmp_path / "last.pt"
     good = path.read_bytes()
     assert torch.load(path, weights_only=True)["step"] == 4  # still a plain torch.save file
@@ -100,14 +101,14 @@ def test_a_flipped_byte_anywhere_in_a_sharded_checkpoint_is_detected(tmp_path):
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_for_the_next_valid_one(tmp_path):
-    checkpoint.write(_state(8), tmp_path, best=False, step_file=True, keep=3)
-    checkpoint.write(_state(12), tmp_path, best=False, step_file=False, keep=3)
+    plain.write(_state(8), tmp_path, best=False, step_file=True, keep=3)
+    plain.write(_state(12), tmp_path, best=False, step_file=False, keep=3)
     last = tmp_path / "last.pt"
     data = last.read_bytes()
     last.unlink()
     last.write_bytes(_flip(data, len(data) // 2, random.Random(2)))
     with _Warnings() as caplog:
-        found = checkpoint.find_latest(tmp_path)
+        found = checkpoint.latest(tmp_path)
     step8 = tmp_path / "step-00000008.pt"
     assert found == step8
     assert f"checkpoint {last} is corrupt" in caplog.text and f"resuming from {step8} (step 8) instead" in caplog.text
@@ -122,7 +123,7 @@ def test_a_corrupt_newest_sharded_checkpoint_is_skipped_for_the_next_valid_one(t
     shard.unlink()  # a file of its own: the step copy's hard link keeps the good bytes
     shard.write_bytes(_flip(data, 10, random.Random(3)))
     with _Warnings() as caplog:
-        found = sharded.find_latest(tmp_path)
+        found = checkpoint.latest(tmp_path, sharded=True)
     step3 = tmp_path / "step-00000003"
     assert found == step3
     assert f"sharded checkpoint {tmp_path / 'last'} is corrupt" in caplog.text
@@ -144,7 +145,7 @@ def test_checkpoints_without_checksums_still_load(tmp_path):
 
 def test_a_missing_trailer_on_a_checksummed_checkpoint_is_corrupt(tmp_path: Path):
     """The trailer cut off (a byte of its magic flipped) is not taken for an old checkpoint."""
-    checkpoint.write(_state(3), tmp_path, best=False, step_file=False, keep=1)
+    plain.write(_state(3), tmp_path, best=False, step_file=False, keep=1)
     path = tmp_path / "last.pt"
     data = bytearray(path.read_bytes())
     data[-20] ^= 0x20

@@ -61,7 +61,7 @@ def _final(run_dir) -> dict:
     plain = run_dir / "checkpoints" / "last.pt"
     if plain.exists():
         return torch.load(plain, weights_only=True, map_location="cpu")
-    from ddp_train import sharded
+    from ddp_train.checkpoint import sharded
 
     return {"model": sharded.export(run_dir / "checkpoints" / "last")}
 

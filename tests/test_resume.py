@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, base_env, fit_cmd, run_fit
 from ddp_train import checkpoint
+from ddp_train.checkpoint import plain
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def _writer(path: Path) -> None:
     while True:
         step += 1
         state["step"] = step
-        checkpoint.write(state, path, best=step % 3 == 0, step_file=step % 2 == 0, keep=2)
+        plain.write(state, path, best=step % 3 == 0, step_file=step % 2 == 0, keep=2)
 
 
 def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
@@ -162,7 +163,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
         os.waitpid(pid, 0)
         if not (ckpt_dir / "last.pt").exists():
             continue  # killed before the first save finished: nothing to lose
-        latest = checkpoint.find_latest(ckpt_dir)
+        latest = checkpoint.latest(ckpt_dir)
         assert latest is not None
         for path in checkpoint.candidates(ckpt_dir):
             assert checkpoint.load(path)["model"]["w"].shape == (512, 1024)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, base_env, run_fit
-from ddp_train import sharded
+from ddp_train.checkpoint import sharded
 from ddp_train.models import build_model
 
 pytestmark = pytest.mark.slow

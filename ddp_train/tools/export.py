@@ -49,7 +49,7 @@ def export(
 
 
 def _pick(ckpt_dir: Path, best: bool) -> Path:
-    from .. import checkpoint, sharded
+    from .. import checkpoint
     from ..errors import UsageError
 
     if best:
@@ -57,7 +57,7 @@ def _pick(ckpt_dir: Path, best: bool) -> Path:
             if candidate.exists():
                 return candidate
         raise UsageError(f"{ckpt_dir} has no best checkpoint yet; drop --best for the newest one")
-    latest = sharded.find_latest(ckpt_dir) or checkpoint.find_latest(ckpt_dir)
+    latest = checkpoint.latest(ckpt_dir, sharded=True) or checkpoint.latest(ckpt_dir)
     if latest is None:
         raise UsageError(f"{ckpt_dir} holds no complete checkpoint")
     return latest

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
-from .errors import UsageError, pickle_refusal
+from ..errors import UsageError, pickle_refusal
 
 _ALLOWED = {
     ("torch", "Size"): torch.Size,

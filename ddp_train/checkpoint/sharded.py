@@ -38,13 +38,13 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from .checkpoint import fsync_dir, nbytes
-from .checkpoint import load as load_plain
-from .errors import UsageError
-from .fsdp import bare_key
-from .integrity import ALGORITHM, check_file, crc32_of
+from ..errors import UsageError
+from ..fsdp import bare_key
+from ..integrity import ALGORITHM, check_file, crc32_of
+from ..safeio import failure
+from .atomic import fsync_dir, link_or_copy, nbytes, remove_dir, write_synced
+from .plain import load as load_plain
 from .safe_dcp import SafeEmptyPlanner, SafeLoadPlanner, SafeReader, read_metadata, refusals
-from .safeio import failure
 
 log = logging.getLogger("ddp_train")
 MARKER = "COMPLETE"
@@ -53,24 +53,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # --- files and directories ---------------------------------------------------------------------
-
-def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: Path) -> None:
-    """Delete a directory so that no reader ever sees it half-deleted under its own name: rename it
-    to a hidden name first (a leftover .trash-* from a crash is cleaned by the next save)."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash)
-
 
 def _exchange(a: Path, b: Path) -> None:
     """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); OSError where the
@@ -99,16 +81,16 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     try:
         _exchange(tmp, final)
         fsync_dir(final.parent)
-        _remove(tmp)  # now the old checkpoint
+        remove_dir(tmp)  # now the old checkpoint
         return
     except OSError as e:
         log.debug("atomic directory swap unavailable (%s); replacing in two renames", e)
     old = _old_name(final)
-    _remove(old)
+    remove_dir(old)
     os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    _remove(old)
+    remove_dir(old)
 
 
 def _old_name(final: Path) -> Path:
@@ -259,14 +241,14 @@ def save(ckpt_dir: str | Path, name: str, model: nn.Module, optimizer: torch.opt
         rank = dist.get_rank() if dist.is_initialized() else 0
         sums = gather({p.name: crc32_of(p) for p in tmp.glob(f"__{rank}_*.distcp")})
         if is_main:
-            _write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
+            write_synced(tmp / EXTRA, lambda f: torch.save(extra, f))
         barrier()  # every rank's shards are on disk (dcp.save's last collective already implies it)
         if is_main:
             _before_commit()
             crcs = {k: v for rank_sums in sums or [] for k, v in rank_sums.items()}
             manifest = {n: {"size": size, ALGORITHM: crcs[n] if n in crcs else crc32_of(tmp / n)}
                         for n, size in _sizes(tmp).items()}
-            _write_synced(tmp / MARKER, lambda f: f.write(json.dumps(manifest, indent=0).encode()))
+            write_synced(tmp / MARKER, lambda f: f.write(json.dumps(manifest, indent=0).encode()))
             fsync_dir(tmp)
             _put_in_place(tmp, final)
     except (OSError, CheckpointException) as e:
@@ -333,12 +315,7 @@ def link_copy(src: str | Path, dst: str | Path) -> Path:
     try:
         tmp.mkdir()
         for f in [p for p in files if p.name != MARKER] + [p for p in files if p.name == MARKER]:
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copyfile(f, tmp / f.name)
-                with open(tmp / f.name, "rb+") as fd:
-                    os.fsync(fd.fileno())
+            link_or_copy(f, tmp / f.name)
         fsync_dir(tmp)
         _put_in_place(tmp, dst)
     except OSError as e:
@@ -360,30 +337,16 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     return [p for p in [last, *steps] if is_complete(p)]
 
 
-def find_latest(ckpt_dir: str | Path) -> Path | None:
-    """The complete, intact checkpoint with the most steps (extra["step"]); None if there is none.
-    A corrupt one is skipped with a warning naming the one used instead."""
-    best: tuple[int, Path] | None = None
-    skipped = []
-    for path in candidates(ckpt_dir):
-        try:
-            verify(path, "skipped")
-            step = int(read_extra(path)["step"])
-        except UsageError as e:
-            skipped.append(str(e))
-            continue
-        except Exception as e:  # an unreadable extra.pt: skip this one, say why
-            skipped.append(f"sharded checkpoint {path} is unreadable ({e})")
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    if best is None and skipped:
-        raise UsageError(f"no readable checkpoint in {ckpt_dir} ({skipped[0]}); resume from a good copy with "
-                         "--resume PATH, or start a new run with another --run-dir")
-    for problem in skipped:
-        log.warning("%s; resuming from %s instead", problem,
-                    f"{best[1]} (step {best[0]})" if best else "nothing (a new run)")
-    return best[1] if best else None
+def step_of(path: Path) -> int:
+    """The step a checkpoint was written at (extra["step"]), once it is verified intact (a
+    UsageError if it is corrupt or unreadable)."""
+    try:
+        verify(path, "skipped")
+        return int(read_extra(path)["step"])
+    except UsageError:
+        raise
+    except Exception as e:  # an unreadable extra.pt: say why
+        raise UsageError(f"sharded checkpoint {path} is unreadable ({e})") from None
 
 
 def purge_steps(ckpt_dir: str | Path, keep: int) -> None:
@@ -392,14 +355,14 @@ def purge_steps(ckpt_dir: str | Path, keep: int) -> None:
     steps = sorted((p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name)),
                    key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
     for old in steps[keep:]:
-        _remove(old)
+        remove_dir(old)
 
 
 def write(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
           extra: dict[str, Any], *, is_main: bool, barrier: Callable[[], None], best: bool = False,
           step_dir: bool = False, keep: int = 3, gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]) -> Path:
     """Collective: `last`, plus `best` and `step-NNNNNNNN` (extra["step"]) as hard-linked copies,
-    keeping the newest `keep` step directories (the sharded counterpart of checkpoint.write)."""
+    keeping the newest `keep` step directories (the sharded counterpart of plain.write)."""
     ckpt_dir = Path(ckpt_dir)
     last = save(ckpt_dir, "last", model, optimizer, extra, is_main=is_main, barrier=barrier, gather=gather)
     if is_main:

@@ -141,6 +141,7 @@ def step_of(path: Path) -> int:
 
 
 def purge_steps(ckpt_dir: Path, keep: int) -> None:
+    """Rank 0: delete the step-N files beyond the newest `keep`."""
     for old in [p for p in candidates(ckpt_dir) if p.name != "last.pt"][keep:]:
         old.unlink(missing_ok=True)
 

@@ -17,6 +17,7 @@ UNCHANGING = frozenset({"rng", "config", "versions"})
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, this GPU's, Python's, NumPy's) as tensors and plain values."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         # This rank's own device only (the current one): get_rng_state_all() holds one state per
@@ -33,6 +34,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (an older checkpoint's per-GPU list: this device's entry)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -65,7 +65,8 @@ def test_disk_full_during_a_plain_save_ends_the_run_in_one_line(small_disk):
     assert last.read_bytes() == before and torch.load(last, weights_only=True)["step"] == 4
 
 
-def test_disk_full_during_a_sharded_save_ends_every_rank(small_disk):
+def test_disk_full_during_a_sharded_save_ends_the_run_and_keeps_the_previous_checkpoint(small_disk):
+    """Under torchrun: the agent ends the other rank once one exits; this checks the line and the files."""
     run_dir = small_disk / "run"
     run_fit(2, *OPTS, "--strategy", "fsdp", "--max-steps", "4", "--run-dir", str(run_dir))
     last = run_dir / "checkpoints" / "last"

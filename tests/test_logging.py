@@ -36,15 +36,16 @@ def test_log_lines_print_above_the_bar_which_counts_the_runs_steps():
     assert any(" 12/30 " in line for line in bars) and not any("/12" in line for line in bars), bars
 
 
-CRASH: dict[int, bool] = {}  # loss call -> raise there (not a Task setting)
+CRASH: dict[int, bool] = {}  # training loss call -> raise there (not a Task setting)
 
 
 class Logs(DictTask):
     """Logs a value of its own every step (rank 0's); crashes where CRASH says."""
 
     def loss(self, model, batch):
-        self.calls = getattr(self, "calls", 0) + 1
-        if CRASH.pop(self.calls, False):
+        if model.training:  # evaluation calls loss() too
+            self.calls = getattr(self, "calls", 0) + 1
+        if model.training and CRASH.pop(self.calls, False):
             raise RuntimeError("a crash after the checkpoint")
         loss = super().loss(model, batch)
         self.log("twice_loss", 2 * loss)

@@ -33,7 +33,8 @@ def test_a_task_runs_config_json_leaves_out_the_built_in_settings(task_run):
 def test_predict_on_a_classification_task_writes_probabilities_and_the_class(task_run, tmp_path, capfd):
     out = tmp_path / "p.csv"
     with pytest.raises(SystemExit) as e:
-        cli.main(["predict", "-c", str(task_run / "checkpoints" / "last.pt"), "-o", str(out)])
+        cli.main(["predict", "-c", str(task_run / "checkpoints" / "last.pt"), "-o", str(out),
+                  "--trust-code", "tests.fixtures.tasks:DictTask"])
     assert e.value.code == 0, capfd.readouterr().err
     with out.open() as f:
         rows = list(csv.DictReader(f))

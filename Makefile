@@ -25,6 +25,7 @@ test: lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check ddp_train tests benchmarks examples
+	$(BIN)/mypy
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -36,7 +36,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         with open(tmp, "wb") as f:
             sealed = Crc32Writer(f)
             try:
-                torch.save(obj, sealed)
+                torch.save(obj, sealed)  # type: ignore[arg-type]  # any object with write(): torch's stub says IO[bytes]
             except RuntimeError:
                 if sealed.error is None:
                     raise
@@ -76,7 +76,8 @@ def load(path: str | Path, fix: str = "resume from another checkpoint (checkpoin
     # GIL): with a core to spare it adds little to the load (benchmarks/checksum_cost.py).
     with ThreadPoolExecutor(1, thread_name_prefix="ddp_train-checksum") as pool:
         checked = pool.submit(check_plain, path)
-        loaded, error = None, None
+        loaded: Any = None  # whatever the file holds (judged after the checksum)
+        error: Exception | None = None
         try:
             # Early checkpoints stored torch.__version__ as a TorchVersion (a str subclass): allow just that.
             with torch.serialization.safe_globals([TorchVersion]):
@@ -129,8 +130,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def candidates(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint files, newest step first (temp files are never candidates)."""
-    files = [p for p in ckpt_dir.glob("step-*.pt") if STEP_FILE.search(p.name)]
-    files.sort(key=lambda p: int(STEP_FILE.search(p.name).group(1)), reverse=True)
+    steps = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.pt") if (m := STEP_FILE.search(p.name))]
+    files = [p for _, p in sorted(steps, key=lambda pair: pair[0], reverse=True)]
     last = ckpt_dir / "last.pt"
     return ([last] if last.is_file() else []) + files
 

@@ -105,6 +105,12 @@ def refusals(path: Path) -> Iterator[None]:
 
 
 class _SafeBytes:
+    # DefaultLoadPlanner's, which this mixin precedes
+    flatten_state_dict: bool
+    original_state_dict: Any
+    mappings: Any
+    state_dict: Any
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         obj = _load_bytes(read_item, value)
         if self.flatten_state_dict:

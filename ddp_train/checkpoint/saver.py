@@ -132,7 +132,8 @@ class _Write(threading.Thread):
 
     def __init__(self, fn: Callable[[], Any]):
         super().__init__(name="ddp_train-checkpoint", daemon=False)
-        self.fn, self.error = fn, None
+        self.fn = fn
+        self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:

@@ -146,10 +146,10 @@ def verify(path: str | Path, fix: str) -> None:
     """Before a sharded checkpoint is used: complete, every file's checksum as recorded, and DCP's
     metadata safe to read (a UsageError naming `fix` otherwise)."""
     path = Path(path)
-    if not is_complete(path):
+    listed = _listed(path) if is_complete(path) else None
+    if listed is None:
         raise UsageError(f"{path} is not a complete sharded checkpoint (no valid {MARKER} marker listing its "
                          f"files: a save was interrupted, or a file is missing or truncated); {fix}")
-    listed = _listed(path)
     seen = (str(path.resolve()), json.dumps(listed, sort_keys=True))
     if seen in _VERIFIED:  # a resume checks the same checkpoint when choosing it and when loading it
         return
@@ -329,8 +329,7 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name)),
-                   key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+    steps = _step_dirs(ckpt_dir)
     last = ckpt_dir / "last"
     if not last.exists():
         last = _old_name(last)  # a crash between the two renames of a non-atomic replacement
@@ -349,12 +348,16 @@ def step_of(path: Path) -> int:
         raise UsageError(f"sharded checkpoint {path} is unreadable ({e})") from None
 
 
+def _step_dirs(ckpt_dir: Path) -> list[Path]:
+    """The step-N entries of `ckpt_dir`, newest step first."""
+    steps = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(steps, key=lambda pair: pair[0], reverse=True)]
+
+
 def purge_steps(ckpt_dir: str | Path, keep: int) -> None:
     """Rank 0: delete the step-N directories beyond the newest `keep`."""
     ckpt_dir = Path(ckpt_dir)
-    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name)),
-                   key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
-    for old in steps[keep:]:
+    for old in _step_dirs(ckpt_dir)[keep:]:
         remove_dir(old)
 
 

@@ -27,7 +27,9 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
     except ImportError:
         return state
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the global RandomState's MT19937 state (a dict only for other generators)
+    name, keys, pos, has_gauss, cached = legacy
     state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached": float(cached)}
     return state

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import base_env, run_fit
 from ddp_train.errors import UsageError
-from ddp_train.runlock import LOCK_NAME, RunLock
+from ddp_train.runlock import LOCK_NAME, WAIT_S, RunLock
 
 
 def _holder(run_dir, **fields):
@@ -119,8 +119,10 @@ def test_only_one_of_many_contenders_wins(tmp_path):
 
 def test_second_fit_fails_at_once_and_touches_nothing(tmp_path, tiny):
     holder = _holder(tmp_path / "run", slurm_job="123")  # this test process holds the run directory
+    start = time.monotonic()
     proc = run_fit(1, *tiny("run"), check=False, env=base_env())
     assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - start < WAIT_S / 2  # at once: not after waiting for the holder (WAIT_S, ~2 min)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: {tmp_path / 'run'} is in use by ddp-train pid {os.getpid()} on {holder['host']} "
                      f"(Slurm job 123) since {time.strftime('%H:%M', time.localtime(holder['since']))}; "

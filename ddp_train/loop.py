@@ -27,6 +27,7 @@ from .log import Reporter
 from .optim import Schedule
 from .streaming import need_max_steps
 from .policy import Policy
+from .protocols import EpochSampler
 from .task import LabelError, Task, drain_logged, overrides
 from .userfn import data_error, first_step_hint, user_batches, user_error, where
 
@@ -247,7 +248,7 @@ class Loop:
     comm: Comm
     trainer: Trainer  # changes the weights
     loader: Any  # the training batches, and their sampler (epoch, start batch)
-    sampler: Any
+    sampler: EpochSampler
     evaluator: Evaluator
     policy: Policy  # when to evaluate and save, what is best, when to stop
     saver: Checkpointer  # collective saves, and where the newest checkpoint is

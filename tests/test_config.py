@@ -66,3 +66,15 @@ def test_monitor_mode():
     assert FitConfig(monitor="val_acc").monitor_mode() == "max"
     assert FitConfig(monitor="val_loss").monitor_mode() == "min"
     assert FitConfig(monitor="val_acc", mode="min").monitor_mode() == "min"
+
+
+def test_fitconfig_docstring_has_a_line_per_field_from_its_help():
+    """FitConfig's Attributes section is generated from the fields: each field, its option and its
+    --help text (the words, whatever the wrapping)."""
+    import dataclasses
+    import inspect
+
+    doc = " ".join(inspect.getdoc(FitConfig).split())
+    for f in dataclasses.fields(FitConfig):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        assert f"{f.name} ({flag}, default {f.default!r}): {' '.join(f.metadata['help'].split())}" in doc

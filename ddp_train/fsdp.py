@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .checkpoint.state import bare_key
 from .errors import UsageError
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16}
@@ -161,12 +162,6 @@ def accumulating(model: nn.Module, is_last_micro: bool) -> Iterator[None]:
         yield
 
 
-def bare_key(key: str) -> str:
-    while key.startswith(("_orig_mod.", "module.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
 def full_state_dict(model: nn.Module, *, all_ranks: bool = False) -> dict[str, Any]:
     """Collective: the bare module's full state dict (keys as in the unwrapped model's
     state_dict(), plain CPU tensors). On rank 0 only (empty dict elsewhere) unless `all_ranks`."""
@@ -193,5 +188,4 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     return out
 
 
-__all__ = ["shard", "default_blocks", "running_stat_norms", "clip_grad_norm", "accumulating", "full_state_dict", "local_bytes",
-           "bare_key"]
+__all__ = ["shard", "default_blocks", "running_stat_norms", "clip_grad_norm", "accumulating", "full_state_dict", "local_bytes"]

@@ -39,12 +39,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from ..errors import UsageError
-from ..fsdp import bare_key
 from ..integrity import ALGORITHM, check_file, crc32_of
 from ..safeio import failure
 from .atomic import fsync_dir, link_or_copy, nbytes, remove_dir, write_synced
 from .plain import load as load_plain
 from .safe_dcp import SafeEmptyPlanner, SafeLoadPlanner, SafeReader, read_metadata, refusals
+from .state import bare_key
 
 log = logging.getLogger("ddp_train")
 MARKER = "COMPLETE"

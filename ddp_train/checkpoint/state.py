@@ -79,14 +79,17 @@ def _copy(obj: Any, on_gpu: list[bool]) -> Any:
     return obj  # plain values, and lists of them, are not changed by training
 
 
+def bare_key(key: str) -> str:
+    """A state dict key as the unwrapped module names it: no DDP/DataParallel `module.` or
+    torch.compile `_orig_mod.` prefixes."""
+    while key.startswith(("_orig_mod.", "module.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     """Accept state dicts saved from DDP/DataParallel or torch.compile wrappers."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+    return {bare_key(key): value for key, value in state.items()}
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str, strict: bool = True) -> None:

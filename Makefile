@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: fit test lint docs bench clean
+.PHONY: fit test test-fast lint docs bench clean
 
 # TORCH_INDEX: where torch comes from, e.g. the CPU-only build on a machine without a GPU
 # (make fit TORCH_INDEX=https://download.pytorch.org/whl/cpu: a 1.6 GB venv instead of 6.1 GB).
@@ -22,6 +22,10 @@ fit: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The fast tier: everything not marked slow (no multi-process runs); ~3 min against ~18 for all.
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ddp_train tests benchmarks examples

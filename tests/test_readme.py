@@ -24,6 +24,7 @@ README = ROOT / "README.md"
 SKIP = {
     "make fit TORCH_INDEX=": "downloads PyTorch's CPU-only build (a network and ~200 MB)",
     "sbatch ": "needs a Slurm cluster (tests/test_slurm.py runs the scripts on one)",
+    "make test": "runs this test suite (and so this test) again",
 }
 
 

@@ -106,9 +106,10 @@ def test_replace_without_atomic_swap_and_crash_recovery(tmp_path, monkeypatch):
     # A crash between "rename old away" and "rename new in": the old one is still found...
     os.rename(tmp_path / "last", tmp_path / ".last.old")
     assert checkpoint.latest(tmp_path, sharded=True) == tmp_path / ".last.old"
-    # ...and the next save restores it first, then replaces it.
-    sharded._recover(tmp_path)
+    # ...and the next save, of any name, restores it first.
+    _save(tmp_path, "step-00000003", model, opt, 3)
     assert sharded.is_complete(tmp_path / "last") and not (tmp_path / ".last.old").exists()
+    assert sharded.read_extra(tmp_path / "last")["step"] == 2
 
 
 def test_is_complete_rejects_partial_directories(tmp_path):

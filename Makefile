@@ -23,7 +23,7 @@ fit: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
-# The fast tier: everything not marked slow (no multi-process runs); ~3 min against ~18 for all.
+# The fast tier: everything not marked slow (no multi-process runs); ~3 min against ~15 for all.
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
 
